@@ -1,0 +1,184 @@
+"""The ``tritonq`` command: ``run``, ``publish``, ``stack``, ``demo``, ``init``, ``settings``.
+
+This is the face of the worker and the only place that handles signals:
+SIGTERM and SIGINT become ``Worker.request_stop()`` (or stop the local stack).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from google.protobuf import json_format
+
+from worker import telemetry
+from worker.config import Settings, settings_markdown
+
+STATE_DIR = Path(".tritonq")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tritonq", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    commands.add_parser("run", help="run the worker (configured from TRITONQ_* variables)")
+
+    publish = commands.add_parser("publish", help="publish a job for a local image, a gs:// URI or inline bytes")
+    publish.add_argument("source", help="a local image file, or gs://bucket/object")
+    publish.add_argument("--model", required=True)
+    publish.add_argument("--version", default="")
+    publish.add_argument("--param", action="append", default=[], metavar="K=V")
+    publish.add_argument("--format", default="", help="png, jpeg, webp, json, npy (default: the model's)")
+    publish.add_argument("--inline", action="store_true", help="carry a local image in the message itself")
+    publish.add_argument("--job-id", default="")
+    publish.add_argument("--wait", action="store_true", help="wait for the result record and print it")
+    publish.add_argument("--timeout", type=float, default=300.0, help="seconds --wait waits")
+
+    stack = commands.add_parser("stack", help="run the real local stack (Pub/Sub, GCS, Triton) until interrupted")
+    stack.add_argument("--state-dir", type=Path, default=STATE_DIR)
+
+    demo = commands.add_parser("demo", help="start the stack and a worker, run sample jobs, print a table")
+    demo.add_argument("--jobs", type=int, default=12)
+    demo.add_argument("--state-dir", type=Path, default=STATE_DIR / "demo")
+
+    commands.add_parser("init", help="create the topic, subscription, dead-letter topic (idempotent)")
+    settings_cmd = commands.add_parser("settings", help="print the settings in effect")
+    settings_cmd.add_argument("--markdown", action="store_true", help="print the README's settings table")
+
+    args = parser.parse_args(argv)
+    if args.command == "settings" and args.markdown:
+        sys.stdout.write(settings_markdown())
+        return 0
+    settings = Settings()
+    telemetry.configure_logging(settings.log_level, settings.log_format)
+    if args.command == "run":
+        return _run_worker(settings)
+    if args.command == "publish":
+        return asyncio.run(_publish(settings, args))
+    if args.command == "stack":
+        return _run_stack(settings, args.state_dir)
+    if args.command == "demo":
+        from worker.demo import run_demo
+
+        return run_demo(args.jobs, args.state_dir)
+    if args.command == "init":
+        from worker.stack import provision_pubsub
+
+        provision_pubsub(settings)
+        print(f"created {settings.topic_path}, {settings.subscription_path} and its dead-letter topic")
+        return 0
+    print(json.dumps(settings.model_dump(), indent=2, default=list))
+    return 0
+
+
+def _run_worker(settings: Settings) -> int:
+    from worker.service import Worker
+
+    async def serve() -> None:
+        worker = Worker(settings)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, worker.request_stop)
+        await worker.run()
+
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        uvloop.run(serve())
+        return 0
+    asyncio.run(serve())
+    return 0
+
+
+def _parse_params(pairs: Sequence[str]) -> dict[str, str]:
+    params: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--param {pair!r}: expected K=V")
+        params[key] = value
+    return params
+
+
+async def _publish(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.client import JobClient, build_job, new_job_id
+
+    options = {
+        "version": args.version,
+        "params": _parse_params(args.param),
+        "output_format": args.format,
+    }
+    job_id = args.job_id or new_job_id()
+    async with JobClient(settings) as client:
+        if args.source.startswith("gs://"):
+            job = build_job(args.model, input_uri=args.source, job_id=job_id, **options)
+        elif args.inline:
+            job = build_job(
+                args.model, input_bytes=await asyncio.to_thread(Path(args.source).read_bytes), job_id=job_id, **options
+            )
+        else:
+            job = await client.job_for_file(Path(args.source), args.model, job_id=job_id, **options)
+        message_id = await client.publish(job)
+        output = client.output_of(job)
+        print(f"published job {job.job_id} as message {message_id}")
+        print(f"result record: gs://{output.bucket}/{output.name}/{job.job_id}.json")
+        if not args.wait:
+            return 0
+        started = time.monotonic()
+        result = await client.wait(job, timeout_s=args.timeout)
+        print(json_format.MessageToJson(result, preserving_proto_field_name=True))
+        print(f"waited {time.monotonic() - started:.2f} s")
+        return 0 if result.status == result.SUCCEEDED else 1
+
+
+def _run_stack(settings: Settings, state_dir: Path) -> int:
+    from worker.stack import Stack
+
+    stack = Stack(state_dir=state_dir.resolve())
+
+    def stop(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        stack.start(progress=lambda text: print(f"stack: {text}", flush=True))
+        stack.provision(settings)
+        env_file = state_dir / "stack.env"
+        stack.write_env_file(settings, env_file)
+        print(
+            f"stack: ready; `source {env_file} && tritonq run` serves it. Ctrl-C stops everything.",
+            flush=True,
+        )
+        signal.pause()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        print("stack: stopping", flush=True)
+        stack.stop()
+    return 0
+
+
+def spawn_worker(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    """Start ``tritonq run`` as a child process (demo, benchmark, fault tests)."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "worker.cli", "run"],
+            env={**os.environ, **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

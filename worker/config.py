@@ -1,0 +1,149 @@
+"""The worker's one typed settings object, read from ``TRITONQ_*`` environment variables.
+
+Every knob lives here, with its unit in its name and its default and meaning in
+its description; the README's settings table is generated from this class
+(``tritonq settings --markdown``) and a test keeps the two in step. Settings are
+validated once, at start, and frozen afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+CsvList = Annotated[tuple[str, ...], NoDecode]
+
+
+def _split_csv(value: object) -> object:
+    if isinstance(value, str):
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    return value
+
+
+class Settings(BaseSettings):
+    """What the worker needs to know; one field per ``TRITONQ_<FIELD>`` variable."""
+
+    model_config = SettingsConfigDict(env_prefix="TRITONQ_", frozen=True, extra="ignore")
+
+    # Where jobs come from and results go.
+    project: str = Field("local-project", description="Google Cloud project of the topic and subscription.")
+    topic: str = Field("tritonq-jobs", description="Pub/Sub topic jobs are published to (`tritonq publish`).")
+    subscription: str = Field("tritonq-jobs-worker", description="Pub/Sub subscription the worker pulls.")
+    dead_letter_topic: str = Field(
+        "tritonq-jobs-dead-letter",
+        description="Dead-letter topic set on subscriptions the project creates.",
+    )
+    max_delivery_attempts: int = Field(
+        5, ge=5, le=100, description="Deliveries before Pub/Sub dead-letters a message (5 to 100)."
+    )
+    input_bucket: str = Field("tritonq-inputs", description="Bucket `tritonq publish` uploads local images to.")
+    output_bucket: str = Field("tritonq-results", description="Bucket results are written to by default.")
+    output_prefix: str = Field("results", description="Object prefix of results when a job names none.")
+    allowed_input_buckets: CsvList = Field(
+        (), description="Comma-separated buckets inputs may be read from; empty means only `input_bucket`."
+    )
+    allowed_output_buckets: CsvList = Field(
+        (), description="Comma-separated buckets results may be written to; empty means only `output_bucket`."
+    )
+
+    # Triton.
+    triton_url: str = Field("localhost:8001", description="Triton gRPC endpoint, `host:port`.")
+    triton_metrics_url: str = Field(
+        "http://localhost:8002/metrics", description="Triton's Prometheus endpoint (used by `tritonq bench`)."
+    )
+    infer_timeout_s: float = Field(60.0, gt=0, description="Deadline of one inference request, in seconds.")
+    routes: str = Field(
+        "",
+        description="Weighted version splits, `model=version:weight,...;model2=...`, e.g. `enhance=1:90,2:10`. "
+        "Jobs naming no version are routed by a hash of their `job_id`.",
+    )
+
+    # Flow control and concurrency.
+    max_messages: int = Field(64, ge=1, description="Pub/Sub flow control: messages held at once.")
+    max_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Pub/Sub flow control: message bytes held at once.")
+    max_lease_duration_s: float = Field(
+        600.0, gt=0, description="Longest a message's lease is extended while its job runs, in seconds."
+    )
+    max_in_flight: int = Field(64, ge=1, description="Jobs processed concurrently by the pipeline.")
+    preprocess_threads: int = Field(0, ge=0, description="Threads for image decode/encode; 0 means one per CPU core.")
+
+    # Retries and shutdown.
+    retry_attempts: int = Field(3, ge=1, description="Tries of a step that fails transiently before the job is nacked.")
+    retry_base_s: float = Field(0.2, gt=0, description="First retry backoff in seconds; doubles each try, with jitter.")
+    shutdown_grace_s: float = Field(
+        30.0,
+        gt=0,
+        description="On SIGTERM, how long in-flight jobs may take to finish before they are nacked.",
+    )
+
+    # Input limits (the security boundary).
+    max_input_bytes: int = Field(25 * 1024 * 1024, ge=1, description="Largest input object read, in bytes.")
+    max_inline_bytes: int = Field(
+        2 * 1024 * 1024, ge=1, description="Largest inline image carried in the message itself, in bytes."
+    )
+    max_input_pixels: int = Field(
+        40_000_000,
+        ge=1,
+        description="Largest decoded image, width x height; bigger is rejected, never decoded.",
+    )
+
+    # Operations.
+    http_port: int = Field(8080, ge=0, le=65535, description="Port of `/metrics`, `/healthz` and `/readyz`.")
+    log_level: str = Field("INFO", description="Log level: DEBUG, INFO, WARNING, ERROR.")
+    log_format: str = Field("auto", description="`json`, `console`, or `auto` (console on a TTY, JSON otherwise).")
+
+    _split_lists = field_validator("allowed_input_buckets", "allowed_output_buckets", mode="before")(_split_csv)
+
+    @field_validator("log_format")
+    @classmethod
+    def _known_format(cls, value: str) -> str:
+        if value not in ("auto", "json", "console"):
+            raise ValueError("log_format must be auto, json or console")
+        return value
+
+    @model_validator(mode="after")
+    def _routes_parse(self) -> Settings:
+        from worker.routing import parse_routes
+
+        parse_routes(self.routes)
+        return self
+
+    @property
+    def input_buckets(self) -> frozenset[str]:
+        """Buckets inputs may come from."""
+        return frozenset(self.allowed_input_buckets or (self.input_bucket,))
+
+    @property
+    def output_buckets(self) -> frozenset[str]:
+        """Buckets results may go to."""
+        return frozenset(self.allowed_output_buckets or (self.output_bucket,))
+
+    @property
+    def subscription_path(self) -> str:
+        return _path(self.project, "subscriptions", self.subscription)
+
+    @property
+    def topic_path(self) -> str:
+        return _path(self.project, "topics", self.topic)
+
+    @property
+    def thread_count(self) -> int:
+        return self.preprocess_threads or (os.cpu_count() or 2)
+
+
+def _path(project: str, kind: str, name: str) -> str:
+    return name if name.startswith("projects/") else f"projects/{project}/{kind}/{name}"
+
+
+def settings_markdown() -> str:
+    """The README's settings table."""
+    lines = ["| Variable | Default | Meaning |", "| --- | --- | --- |"]
+    for name, field in Settings.model_fields.items():
+        default = field.default
+        if isinstance(default, tuple):
+            default = ",".join(default)
+        lines.append(f"| `TRITONQ_{name.upper()}` | `{default}` | {field.description} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,150 @@
+"""``make demo``: the main job, end to end, on the embedded local stack.
+
+Starts the real Pub/Sub emulator, GCS emulator and Triton, runs ``tritonq run``
+as a separate process (as it runs in a pod), publishes generated sample images
+of several sizes to the image models Triton serves, waits for every result
+with a progress bar, prints a table, and stops everything it started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import signal
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from worker.config import Settings
+from worker.jobs import ImageJob, JobResult
+
+#: Sizes of the generated samples: small, odd and larger than a phone thumbnail.
+SAMPLE_SIZES = ((256, 256), (320, 240), (640, 480), (512, 768))
+#: Models the demo sends jobs to, when Triton serves them, with their job params.
+DEMO_MODELS: tuple[tuple[str, dict[str, str]], ...] = (
+    ("enhance", {}),
+    ("upscale", {"scale": "2"}),
+    ("background_remove", {}),
+    ("style_comic", {}),
+    ("style_aged", {}),
+    ("embedding", {}),
+)
+WORKER_READY_TIMEOUT_S = 120.0
+
+
+def sample_image(width: int, height: int, seed: int = 0, fmt: str = "JPEG") -> bytes:
+    """A deterministic photo-like test image: smooth gradients, a few shapes, sensor-like noise."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = np.stack(
+        [
+            128 + 100 * np.sin(x / (width / 3.1) + seed),
+            128 + 100 * np.cos(y / (height / 2.3)),
+            128 + 80 * np.sin((x + y) / (width / 1.7)),
+        ],
+        axis=-1,
+    )
+    for _ in range(4):
+        cx, cy = rng.uniform(0, width), rng.uniform(0, height)
+        radius = rng.uniform(0.05, 0.2) * min(width, height)
+        mask = (x - cx) ** 2 + (y - cy) ** 2 < radius**2
+        base[mask] = rng.uniform(0, 255, size=3)
+    base += rng.normal(0, 6, size=base.shape)
+    image = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8), "RGB")
+    out = io.BytesIO()
+    image.save(out, fmt, quality=90) if fmt == "JPEG" else image.save(out, fmt)
+    return out.getvalue()
+
+
+def _wait_ready(url: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"worker not ready at {url} after {timeout_s:.0f} s")
+
+
+def run_demo(count: int, state_dir: Path) -> int:
+    from worker.cli import spawn_worker
+    from worker.stack import Stack, free_port
+
+    state_dir = state_dir.resolve()
+    stack = Stack(state_dir=state_dir)
+    settings = Settings(http_port=free_port(), log_format="json")
+    worker = None
+    try:
+        stack.start(progress=lambda text: print(f"demo: {text}", flush=True))
+        stack.provision(settings)
+        env = {
+            **stack.environment(settings),
+            "TRITONQ_HTTP_PORT": str(settings.http_port),
+            "TRITONQ_LOG_FORMAT": "json",
+        }
+        worker = spawn_worker(env, state_dir / "logs" / "worker.log")
+        _wait_ready(f"http://127.0.0.1:{settings.http_port}/readyz", WORKER_READY_TIMEOUT_S)
+        print("demo: worker ready", flush=True)
+        with stack.environ(settings):
+            rows = asyncio.run(_publish_and_wait(settings, count))
+    finally:
+        if worker is not None:
+            worker.send_signal(signal.SIGTERM)
+            worker.wait(timeout=60)
+        stack.stop()
+    _print_table(rows)
+    succeeded = sum(1 for row in rows if row[-1] == "succeeded")
+    print(f"demo: {succeeded}/{len(rows)} jobs succeeded")
+    return 0 if succeeded == len(rows) else 1
+
+
+async def _publish_and_wait(settings: Settings, count: int) -> list[tuple[str, ...]]:
+    from worker.client import JobClient, build_job
+    from worker.triton import TritonControl
+
+    control = TritonControl(settings.triton_url)
+    index = await control.repository_index()
+    await control.close()
+    served = {entry["name"] for entry in index if entry.get("state") == "READY"}
+    models = [(name, params) for name, params in DEMO_MODELS if name in served]
+    if not models:
+        raise RuntimeError("triton serves none of the demo models")
+
+    async with JobClient(settings) as client:
+        jobs: list[tuple[ImageJob, float]] = []
+        for i in range(count):
+            width, height = SAMPLE_SIZES[i % len(SAMPLE_SIZES)]
+            model, params = models[i % len(models)]
+            data = sample_image(width, height, seed=i)
+            job_id = f"demo-{i:03d}-{model}"
+            uri = await client.upload_bytes(data, f"{job_id}.jpg")
+            job = build_job(model, input_uri=uri, job_id=job_id, params=params)
+            await client.publish(job)
+            jobs.append((job, time.monotonic()))
+
+        rows: list[tuple[str, ...]] = []
+        with tqdm(total=len(jobs), desc="demo jobs", unit="job") as bar:
+
+            async def wait_one(job: ImageJob, started: float) -> tuple[str, ...]:
+                result = await client.wait(job, timeout_s=300)
+                bar.update(1)
+                status = "succeeded" if result.status == JobResult.SUCCEEDED else f"failed: {result.error_code}"
+                latency = f"{result.latency_ms:.0f} ms" if result.latency_ms else f"{time.monotonic() - started:.1f} s"
+                return (job.job_id, job.model, result.model_version, result.output_uri, latency, status)
+
+            rows = list(await asyncio.gather(*(wait_one(job, started) for job, started in jobs)))
+    return rows
+
+
+def _print_table(rows: list[tuple[str, ...]]) -> None:
+    header = ("job", "model", "version", "output", "latency", "status")
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, tuple("-" * w for w in widths), *rows]:
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)))

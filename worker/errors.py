@@ -1,0 +1,34 @@
+"""The error types that decide a job's fate.
+
+Every failure the pipeline can meet is one of two kinds. A ``PermanentJobError``
+is bad input (malformed message, unknown model, missing object, not an image):
+retrying cannot help, so the worker records the error and acks. A
+``TransientError`` is the world being briefly unwell (Triton restarting, GCS
+5xx, a reset stream): retried in-process with backoff, then nacked so Pub/Sub
+redelivers. Anything else is a bug, nacked and counted.
+"""
+
+
+class TritonqError(Exception):
+    """Base of the project's errors."""
+
+
+class PermanentJobError(TritonqError):
+    """Bad input: never retried; an error record is written and the message acked.
+
+    ``code`` is a short machine-readable reason (``invalid_message``,
+    ``unknown_model``, ``input_not_found``, ``not_an_image``, ...) that lands in
+    the result record and in the ``reason`` label of the failure metric.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+
+class TransientError(TritonqError):
+    """A failure worth retrying: Triton unavailable, GCS 429/5xx, a broken stream."""

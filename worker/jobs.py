@@ -1,0 +1,208 @@
+"""The job contract: decode a Pub/Sub message into a validated ``Job``, or raise ``PermanentJobError``.
+
+Messages carry an ``ImageJob`` (``protos/job.proto``) in protobuf JSON, the
+default and what a person types, or in binary protobuf; the Pub/Sub schema
+attribute ``googclient_schemaencoding`` settles which when present. Everything
+a producer controls is checked here, once: the ``job_id`` (it names objects,
+so no ``..``, no slashes, a short safe charset), the model name, the input's
+bucket against the allowlist, the output prefix, the inline payload's size,
+the output format. Pure functions; no I/O.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from google.protobuf import json_format
+from google.protobuf.message import DecodeError
+
+from worker.errors import PermanentJobError
+from worker.proto.job_pb2 import ImageJob, JobResult
+
+__all__ = ["GcsRef", "ImageJob", "Job", "JobResult", "JobRules", "decode_message", "parse_gs_uri", "validate"]
+
+JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+VERSION_RE = re.compile(r"^[0-9]{1,9}$")
+BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{1,221}[a-z0-9]$")
+PREFIX_SEGMENT_RE = re.compile(r"^[A-Za-z0-9_.=-]{1,128}$")
+#: Object names are at most 1024 bytes in GCS; leave room for the job id and extension.
+MAX_PREFIX_CHARS = 512
+MAX_PARAMS = 32
+MAX_PARAM_CHARS = 256
+OUTPUT_FORMATS = frozenset({"png", "jpeg", "webp", "json", "npy"})
+FORMAT_ALIASES = {"jpg": "jpeg"}
+
+
+@dataclass(frozen=True)
+class GcsRef:
+    """A bucket and an object name (or prefix)."""
+
+    bucket: str
+    name: str
+
+    @property
+    def uri(self) -> str:
+        return f"gs://{self.bucket}/{self.name}"
+
+
+@dataclass(frozen=True)
+class JobRules:
+    """The limits and allowlists a job is validated against (from ``Settings``)."""
+
+    input_buckets: frozenset[str]
+    output_buckets: frozenset[str]
+    default_output: GcsRef
+    max_inline_bytes: int
+
+
+@dataclass(frozen=True)
+class Job:
+    """A validated job, ready for the pipeline."""
+
+    job_id: str
+    model: str
+    requested_version: str
+    input_ref: GcsRef | None
+    input_bytes: bytes | None
+    output: GcsRef
+    params: Mapping[str, str] = field(default_factory=dict)
+    output_format: str = ""
+
+
+def decode_message(data: bytes, attributes: Mapping[str, str]) -> ImageJob:
+    """Parse message bytes into an ``ImageJob`` proto; malformed input is a ``PermanentJobError``."""
+    if not data:
+        raise PermanentJobError("invalid_message", "message is empty")
+    encoding = attributes.get("googclient_schemaencoding", "").upper()
+    job = ImageJob()
+    if encoding == "JSON" or (encoding != "BINARY" and data.lstrip()[:1] == b"{"):
+        try:
+            json_format.Parse(data.decode("utf-8"), job)
+        except (json_format.ParseError, UnicodeDecodeError, RecursionError) as exc:
+            raise PermanentJobError("invalid_message", f"not a valid ImageJob in JSON: {exc}") from exc
+        return job
+    try:
+        job.ParseFromString(data)
+    except DecodeError as exc:
+        raise PermanentJobError("invalid_message", "neither JSON nor a binary ImageJob") from exc
+    if not job.job_id and not job.model:
+        # Arbitrary bytes often parse as a protobuf with only unknown fields.
+        raise PermanentJobError("invalid_message", "neither JSON nor a binary ImageJob")
+    return job
+
+
+def valid_job_id(job_id: str) -> bool:
+    return bool(JOB_ID_RE.match(job_id)) and ".." not in job_id
+
+
+def parse_gs_uri(uri: str) -> GcsRef:
+    """Split ``gs://bucket/name``; the name may be empty (a bucket-level prefix)."""
+    if not uri.startswith("gs://"):
+        raise PermanentJobError("invalid_uri", f"{uri!r} is not a gs:// URI")
+    bucket, _, name = uri[len("gs://") :].partition("/")
+    if not BUCKET_RE.match(bucket):
+        raise PermanentJobError("invalid_uri", f"{uri!r} names no valid bucket")
+    return GcsRef(bucket, name)
+
+
+def _check_prefix(prefix: str) -> str:
+    prefix = prefix.strip("/")
+    if len(prefix) > MAX_PREFIX_CHARS:
+        raise PermanentJobError("invalid_output", f"output prefix longer than {MAX_PREFIX_CHARS} characters")
+    if prefix:
+        for segment in prefix.split("/"):
+            if segment in (".", "..") or not PREFIX_SEGMENT_RE.match(segment):
+                raise PermanentJobError("invalid_output", f"output prefix segment {segment!r} is not allowed")
+    return prefix
+
+
+def output_of(message: ImageJob, rules: JobRules) -> GcsRef:
+    """Where a job's result (and its record) go; raises if the job's own choice is not allowed."""
+    if not message.output_prefix:
+        return rules.default_output
+    ref = parse_gs_uri(message.output_prefix)
+    if ref.bucket not in rules.output_buckets:
+        raise PermanentJobError("bucket_not_allowed", f"output bucket {ref.bucket!r} is not on the allowlist")
+    return GcsRef(ref.bucket, _check_prefix(ref.name))
+
+
+def validate(message: ImageJob, rules: JobRules) -> Job:
+    """Check every field a producer controls; return the ``Job`` or raise ``PermanentJobError``."""
+    if not valid_job_id(message.job_id):
+        raise PermanentJobError(
+            "invalid_job_id", "job_id must be 1-128 characters of [A-Za-z0-9_.-], start alphanumeric, no '..'"
+        )
+    if not MODEL_RE.match(message.model):
+        raise PermanentJobError("invalid_model", f"model {message.model!r} is not a valid model name")
+    if message.model_version and not VERSION_RE.match(message.model_version):
+        raise PermanentJobError("invalid_version", f"model_version {message.model_version!r} is not a number")
+    output = output_of(message, rules)
+
+    input_ref: GcsRef | None = None
+    input_bytes: bytes | None = None
+    which = message.WhichOneof("input")
+    if which == "input_uri":
+        input_ref = parse_gs_uri(message.input_uri)
+        if not input_ref.name:
+            raise PermanentJobError("invalid_uri", f"{message.input_uri!r} names no object")
+        if input_ref.bucket not in rules.input_buckets:
+            raise PermanentJobError("bucket_not_allowed", f"input bucket {input_ref.bucket!r} is not on the allowlist")
+    elif which == "input_bytes":
+        if len(message.input_bytes) > rules.max_inline_bytes:
+            raise PermanentJobError(
+                "too_large",
+                f"inline input is {len(message.input_bytes)} bytes, limit {rules.max_inline_bytes}",
+            )
+        input_bytes = message.input_bytes
+    else:
+        raise PermanentJobError("missing_input", "job has neither input_uri nor input_bytes")
+
+    fmt = message.output_format.lower()
+    fmt = FORMAT_ALIASES.get(fmt, fmt)
+    if fmt and fmt not in OUTPUT_FORMATS:
+        raise PermanentJobError(
+            "invalid_format",
+            f"output_format {message.output_format!r} is not one of {sorted(OUTPUT_FORMATS)}",
+        )
+    if len(message.params) > MAX_PARAMS or any(
+        len(k) > MAX_PARAM_CHARS or len(v) > MAX_PARAM_CHARS for k, v in message.params.items()
+    ):
+        raise PermanentJobError("invalid_params", f"at most {MAX_PARAMS} params of {MAX_PARAM_CHARS} characters")
+    return Job(
+        job_id=message.job_id,
+        model=message.model,
+        requested_version=message.model_version,
+        input_ref=input_ref,
+        input_bytes=input_bytes,
+        output=output,
+        params=dict(message.params),
+        output_format=fmt,
+    )
+
+
+def record_location(message: ImageJob | None, rules: JobRules, message_id: str) -> GcsRef:
+    """Where the record of a job that failed validation goes.
+
+    Beside the result when the job's id and output are usable; otherwise under
+    ``_invalid/{message_id}.json`` in the default output, so no message leaves
+    without a trace.
+    """
+    if message is not None and valid_job_id(message.job_id):
+        try:
+            output = output_of(message, rules)
+        except PermanentJobError:
+            output = rules.default_output
+        return GcsRef(output.bucket, join(output.name, f"{message.job_id}.json"))
+    return GcsRef(rules.default_output.bucket, join(rules.default_output.name, "_invalid", f"{message_id}.json"))
+
+
+def join(*parts: str) -> str:
+    return "/".join(p.strip("/") for p in parts if p.strip("/"))
+
+
+def result_json(result: JobResult) -> bytes:
+    """A ``JobResult`` as the JSON written to GCS (field names as in the proto)."""
+    return json_format.MessageToJson(result, preserving_proto_field_name=True, indent=None).encode()

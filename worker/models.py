@@ -1,0 +1,247 @@
+"""The model catalog: what each model takes, what it returns, and how a job is turned into its tensor and back.
+
+A model is described by its *kind*; the kind owns the pure pre- and
+post-processing, so adding a model of a known kind is a configuration entry,
+not new code. A model states its kind in its Triton ``config.pbtxt``
+(``parameters { key: "tritonq_kind" value { string_value: "image" } }``); the
+built-in table below covers the seed models whose configs predate that. Tensor
+names, data types and ``max_batch_size`` come from Triton's own model config,
+read at start (``ModelSpec.from_triton_config``), so the worker never
+disagrees with what Triton serves.
+
+Kinds:
+- ``image``: UINT8 ``[H, W, 3]`` in, UINT8 ``[H', W', 3|4]`` out, encoded as JPEG (opaque) or PNG (alpha).
+- ``embedding``: FP32 ``[3, S, S]`` in, FP32 ``[D]`` out, L2-normalised, written as JSON or ``.npy``.
+- ``classification``: FP32 ``[3, S, S]`` in, FP32 logits ``[C]`` out, top-k labels as JSON.
+- ``detections``: FP32 ``[3, S, S]`` in, YOLO rows ``[R, 5 + C]`` out, NMS-filtered boxes as JSON.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from worker import images
+from worker.errors import PermanentJobError
+
+#: Kinds of the seed models whose Triton configs carry no ``tritonq_kind``.
+BUILTIN_KINDS = {
+    "upscale": "image",
+    "enhance": "image",
+    "background_remove": "image",
+    "style_comic": "image",
+    "style_aged": "image",
+    "embedding": "embedding",
+    "openclip_vit_b32": "embedding",
+    "resnet50": "classification",
+    "pcb_detector": "detections",
+}
+KINDS = frozenset({"image", "embedding", "classification", "detections"})
+#: Triton data type names to numpy.
+DTYPES = {"TYPE_UINT8": np.uint8, "TYPE_FP32": np.float32, "TYPE_INT32": np.int32, "TYPE_FP16": np.float16}
+WIRE_DTYPES = {"TYPE_UINT8": "UINT8", "TYPE_FP32": "FP32", "TYPE_INT32": "INT32", "TYPE_FP16": "FP16"}
+TOP_K = 5
+SCORE_THRESHOLD = 0.25
+IOU_THRESHOLD = 0.45
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """A named tensor of a model's contract (shape without the batch dimension)."""
+
+    name: str
+    dtype: str
+    dims: tuple[int, ...]
+
+    @property
+    def wire_dtype(self) -> str:
+        return WIRE_DTYPES[self.dtype]
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A job's input tensor, and what postprocessing needs to know about the original."""
+
+    array: NDArray[Any]
+    original_size: tuple[int, int]  # (width, height)
+    parameters: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Output:
+    """An encoded result, ready to write."""
+
+    data: bytes
+    extension: str
+    content_type: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model as the worker sees it."""
+
+    name: str
+    kind: str
+    input: Tensor
+    output: Tensor
+    max_batch_size: int
+    params: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_triton_config(cls, config: Mapping[str, Any]) -> ModelSpec:
+        """Build from Triton's model config as JSON (``get_model_config(..., as_json=True)['config']``)."""
+        name = config["name"]
+        params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+        kind = params.get("tritonq_kind") or BUILTIN_KINDS.get(name, "")
+        if kind not in KINDS:
+            raise ValueError(f"model {name!r}: unknown kind {kind!r}; set parameters.tritonq_kind in its config")
+
+        def tensor(t: Mapping[str, Any]) -> Tensor:
+            return Tensor(t["name"], t["data_type"], tuple(int(d) for d in t.get("dims", [])))
+
+        if not config.get("input") or not config.get("output"):
+            raise ValueError(f"model {name!r} declares no input or output")
+        return cls(
+            name=name,
+            kind=kind,
+            input=tensor(config["input"][0]),
+            output=tensor(config["output"][0]),
+            max_batch_size=int(config.get("max_batch_size", 0)),
+            params=params,
+        )
+
+    @property
+    def batched(self) -> bool:
+        return self.max_batch_size > 0
+
+    @property
+    def square_size(self) -> tuple[int, int]:
+        """(W, H) of fixed-size vision inputs laid out ``[3, H, W]``."""
+        _, height, width = self.input.dims
+        return (width, height)
+
+    def default_format(self, channels: int) -> str:
+        if self.kind == "image":
+            return "png" if channels == 4 else "jpeg"
+        return "json"
+
+    def preprocess(self, data: bytes, limits: images.DecodeLimits, params: Mapping[str, str]) -> Prepared:
+        """Decode and lay out one job's input (pure, CPU-bound: run in a thread)."""
+        if self.kind == "image":
+            array = images.decode(data, limits)
+            height, width = array.shape[:2]
+            return Prepared(array, (width, height), image_parameters(self.name, params))
+        size = self.square_size
+        # Draft mode lets libjpeg decode at 1/2, 1/4, 1/8 scale when the model wants less.
+        array = images.decode(data, limits, draft_size=size)
+        height, width = array.shape[:2]
+        return Prepared(images.to_chw_float(array, size), (width, height))
+
+    def postprocess(self, output: NDArray[Any], prepared: Prepared, fmt: str) -> Output:
+        """Turn one output tensor (batch dimension removed) into the bytes written to GCS."""
+        if self.kind == "image":
+            fmt = fmt or self.default_format(output.shape[-1])
+            if fmt not in images.ENCODERS:
+                raise PermanentJobError("invalid_format", f"{self.name} writes images: png, jpeg or webp, not {fmt}")
+            return Output(images.encode(output, fmt), images.EXTENSIONS[fmt], images.CONTENT_TYPES[fmt], output.shape)
+        fmt = fmt or "json"
+        if fmt not in ("json", "npy"):
+            raise PermanentJobError("invalid_format", f"{self.name} writes json or npy, not {fmt}")
+        if fmt == "npy":
+            return Output(to_npy(output), "npy", "application/octet-stream", output.shape)
+        if self.kind == "embedding":
+            document: dict[str, Any] = {
+                "embedding": [float(x) for x in output.reshape(-1)],
+                "dim": int(output.size),
+            }
+        elif self.kind == "classification":
+            document = {"top_k": top_k(output.reshape(-1), TOP_K)}
+        else:
+            boxes = decode_detections(output, self.square_size, prepared.original_size)
+            document = {"detections": boxes, "image_size": list(prepared.original_size)}
+        return Output(json.dumps(document).encode(), "json", "application/json", output.shape)
+
+
+def image_parameters(model: str, params: Mapping[str, str]) -> dict[str, str]:
+    """Job params forwarded to Triton as request parameters, checked where the worker knows the rules."""
+    if model == "upscale":
+        scale = params.get("scale", "2")
+        if scale not in ("2", "4"):
+            raise PermanentJobError("invalid_params", f"upscale scale must be 2 or 4, not {scale!r}")
+        return {"scale": scale}
+    return dict(params)
+
+
+def to_npy(array: NDArray[Any]) -> bytes:
+    out = io.BytesIO()
+    np.save(out, array, allow_pickle=False)
+    return out.getvalue()
+
+
+def top_k(logits: NDArray[Any], k: int) -> list[dict[str, float | int]]:
+    """The ``k`` most likely classes with softmax probabilities."""
+    shifted = logits.astype(np.float64) - float(logits.max())
+    probs = np.exp(shifted) / np.exp(shifted).sum()
+    order = np.argsort(-probs)[:k]
+    return [{"class_id": int(i), "score": float(probs[i])} for i in order]
+
+
+def decode_detections(
+    rows: NDArray[Any],
+    input_size: tuple[int, int],
+    original_size: tuple[int, int],
+    score_threshold: float = SCORE_THRESHOLD,
+    iou_threshold: float = IOU_THRESHOLD,
+) -> list[dict[str, Any]]:
+    """Decode YOLO rows ``[cx, cy, w, h, obj, class scores...]`` into NMS-filtered boxes in original pixels."""
+    rows = rows.reshape(-1, rows.shape[-1])
+    class_scores = rows[:, 5:]
+    class_ids = class_scores.argmax(axis=1)
+    scores = rows[:, 4] * class_scores[np.arange(len(rows)), class_ids]
+    keep = scores >= score_threshold
+    rows, class_ids, scores = rows[keep], class_ids[keep], scores[keep]
+    sx = original_size[0] / input_size[0]
+    sy = original_size[1] / input_size[1]
+    x1 = (rows[:, 0] - rows[:, 2] / 2) * sx
+    y1 = (rows[:, 1] - rows[:, 3] / 2) * sy
+    x2 = (rows[:, 0] + rows[:, 2] / 2) * sx
+    y2 = (rows[:, 1] + rows[:, 3] / 2) * sy
+    boxes = np.stack([x1, y1, x2, y2], axis=1)
+    chosen = nms(boxes, scores, class_ids, iou_threshold)
+    return [
+        {
+            "box": [round(float(v), 2) for v in boxes[i]],
+            "class_id": int(class_ids[i]),
+            "score": round(float(scores[i]), 4),
+        }
+        for i in chosen
+    ]
+
+
+def nms(boxes: NDArray[Any], scores: NDArray[Any], classes: NDArray[Any], iou_threshold: float) -> list[int]:
+    """Greedy per-class non-maximum suppression; indices of kept boxes, best first."""
+    order = list(np.argsort(-scores))
+    kept: list[int] = []
+    areas = (boxes[:, 2] - boxes[:, 0]).clip(0) * (boxes[:, 3] - boxes[:, 1]).clip(0)
+    while order:
+        best = order.pop(0)
+        kept.append(int(best))
+        if not order:
+            break
+        rest = np.array(order)
+        xx1 = np.maximum(boxes[best, 0], boxes[rest, 0])
+        yy1 = np.maximum(boxes[best, 1], boxes[rest, 1])
+        xx2 = np.minimum(boxes[best, 2], boxes[rest, 2])
+        yy2 = np.minimum(boxes[best, 3], boxes[rest, 3])
+        inter = (xx2 - xx1).clip(0) * (yy2 - yy1).clip(0)
+        iou = inter / np.maximum(areas[best] + areas[rest] - inter, 1e-9)
+        suppressed = (iou > iou_threshold) & (classes[rest] == classes[best])
+        order = [int(i) for i, s in zip(rest, suppressed, strict=True) if not s]
+    return kept

@@ -1,0 +1,337 @@
+"""The flow of one job, top to bottom, and the bounded concurrency around it.
+
+``Pipeline.handle`` takes one Pub/Sub delivery through every stage:
+
+    decode + validate -> route -> (already done?) -> fetch -> preprocess -> infer -> postprocess -> write -> ack
+
+and is the only place that decides a message's fate:
+
+- success: the result and its record are durable in GCS, then the message is acked;
+- ``PermanentJobError`` (bad input): an error record is written where the result
+  would be, then the message is acked; it is never retried;
+- ``TransientError``: the failing step was already retried with backoff; the
+  message is nacked and Pub/Sub redelivers it;
+- cancellation (shutdown past its grace period): nack, then re-raise;
+- anything else is a bug: logged with its traceback, counted, nacked.
+
+``run_workers`` runs ``max_in_flight`` copies of the loop that takes deliveries
+off the consumer's queue, so the number of jobs in progress is one number.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import numpy as np
+import structlog
+from numpy.typing import NDArray
+
+from worker import jobs, routing, telemetry
+from worker.config import Settings
+from worker.consumer import Delivery
+from worker.errors import PermanentJobError, TransientError
+from worker.images import DecodeLimits
+from worker.jobs import GcsRef, Job, JobResult
+from worker.models import ModelSpec, Output, Prepared
+from worker.storage import Storage, record_ref, result_ref
+from worker.triton import Catalog, TritonStream
+
+log = structlog.get_logger(__name__)
+T = TypeVar("T")
+
+SUCCEEDED = "succeeded"
+FAILED_PERMANENT = "failed_permanent"
+NACKED = "nacked"
+DUPLICATE = "duplicate"
+
+
+@dataclass
+class Timer:
+    """Milliseconds per stage of one job, observed into the stage histogram as they end."""
+
+    model: str = ""
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    async def stage(self, name: str, work: Awaitable[T]) -> T:
+        start = time.perf_counter()
+        try:
+            return await work
+        finally:
+            elapsed = time.perf_counter() - start
+            self.timings_ms[name] = round(elapsed * 1000, 3)
+            telemetry.STAGE_SECONDS.labels(name, self.model or "unknown").observe(elapsed)
+
+
+async def retrying(
+    step: Callable[[], Awaitable[T]], *, attempts: int, base_s: float, what: str, on_retry: Callable[[], None]
+) -> T:
+    """Run ``step``; on ``TransientError`` retry with exponential backoff and full jitter, then give up."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return await step()
+        except TransientError as exc:
+            if attempt == attempts:
+                raise
+            on_retry()
+            delay = random.uniform(0, base_s * 2 ** (attempt - 1))
+            log.info("retrying", step=what, attempt=attempt, delay_s=round(delay, 3), error=str(exc))
+            await asyncio.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+class Pipeline:
+    """Processes deliveries; owns nothing it did not create (clients are handed in)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        stream: TritonStream,
+        catalog: Catalog,
+        storage: Storage,
+        executor: ThreadPoolExecutor,
+    ) -> None:
+        self._settings = settings
+        self._stream = stream
+        self._catalog = catalog
+        self._storage = storage
+        self._executor = executor
+        self._routes = routing.parse_routes(settings.routes)
+        self._limits = DecodeLimits(max_bytes=settings.max_input_bytes, max_pixels=settings.max_input_pixels)
+        self._rules = jobs.JobRules(
+            input_buckets=settings.input_buckets,
+            output_buckets=settings.output_buckets,
+            default_output=GcsRef(settings.output_bucket, settings.output_prefix.strip("/")),
+            max_inline_bytes=settings.max_inline_bytes,
+        )
+        # Jobs in progress by id: a second delivery of the same job waits for the first.
+        self._active: dict[str, asyncio.Future[str]] = {}
+        self._success_log = telemetry.RateLimiter(per_s=1.0)
+        self.in_flight = 0
+
+    # -- the concurrency around one job ------------------------------------------------------
+
+    async def run_workers(self, queue: asyncio.Queue[Delivery], count: int) -> None:
+        """Run ``count`` workers taking deliveries off ``queue`` until cancelled."""
+        async with asyncio.TaskGroup() as group:
+            for index in range(count):
+                group.create_task(self._work(queue), name=f"pipeline-worker-{index}")
+
+    async def _work(self, queue: asyncio.Queue[Delivery]) -> None:
+        while True:
+            delivery = await queue.get()
+            try:
+                await self.handle(delivery)
+            finally:
+                queue.task_done()
+
+    # -- one job, top to bottom --------------------------------------------------------------
+
+    async def handle(self, delivery: Delivery) -> str:
+        """Process one delivery and ack or nack it; returns the outcome."""
+        self.in_flight += 1
+        telemetry.IN_FLIGHT.inc()
+        timer = Timer()
+        context: dict[str, Any] = {
+            "message_id": delivery.message_id,
+            "delivery_attempt": delivery.delivery_attempt,
+        }
+        job: Job | None = None
+        version = ""
+        message: jobs.ImageJob | None = None
+        try:
+            with structlog.contextvars.bound_contextvars(**context):
+                try:
+                    message = jobs.decode_message(delivery.data, delivery.attributes)
+                    job = jobs.validate(message, self._rules)
+                    timer.model = job.model
+                    structlog.contextvars.bind_contextvars(job_id=job.job_id, model=job.model)
+                    return await self._once(job, delivery, lambda: self._run(job, delivery, timer))
+                except PermanentJobError as error:
+                    if job is not None:
+                        version = routing.choose_version(job.model, job.requested_version, job.job_id, self._routes)
+                    return await self._fail_permanently(
+                        delivery, message=message, job=job, version=version, error=error, timer=timer
+                    )
+                except TransientError as error:
+                    return self._nack(delivery, job, "transient", str(error))
+                except asyncio.CancelledError:
+                    self._nack(delivery, job, "cancelled", "worker stopping")
+                    raise
+                except Exception as error:
+                    log.exception("job_crashed", error=str(error))
+                    return self._nack(delivery, job, "bug", repr(error))
+        finally:
+            self.in_flight -= 1
+            telemetry.IN_FLIGHT.dec()
+
+    async def _once(self, job: Job, delivery: Delivery, run: Callable[[], Awaitable[str]]) -> str:
+        """Run the job unless the same job is already running here; then share its outcome."""
+        running = self._active.get(job.job_id)
+        if running is not None:
+            outcome = await asyncio.shield(running)
+            if outcome in (SUCCEEDED, FAILED_PERMANENT, DUPLICATE):
+                delivery.ack()
+                return DUPLICATE
+            return self._nack(delivery, job, "duplicate_in_flight", "the same job failed in flight")
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._active[job.job_id] = future
+        outcome = NACKED
+        try:
+            outcome = await run()
+            return outcome
+        finally:
+            self._active.pop(job.job_id, None)
+            future.set_result(outcome)
+
+    async def _run(self, job: Job, delivery: Delivery, timer: Timer) -> str:
+        settings = self._settings
+        spec = await self._catalog.spec(job.model)
+        version = routing.choose_version(job.model, job.requested_version, job.job_id, self._routes)
+        await self._catalog.check_version(job.model, version)
+        structlog.contextvars.bind_contextvars(version=version or "default")
+
+        def retried() -> None:
+            telemetry.JOBS.labels(job.model, version or "default", "retried").inc()
+
+        async def retry(step: Callable[[], Awaitable[T]], what: str) -> T:
+            return await retrying(
+                step,
+                attempts=settings.retry_attempts,
+                base_s=settings.retry_base_s,
+                what=what,
+                on_retry=retried,
+            )
+
+        # A redelivery (or a dead letter's earlier attempt) may have finished already.
+        if delivery.delivery_attempt is None or delivery.delivery_attempt > 1:
+            existing = await retry(lambda: self._storage.read_json(record_ref(job.output, job.job_id)), "check")
+            if existing is not None:
+                log.info("job_already_done", status=existing.get("status"))
+                delivery.ack()
+                telemetry.JOBS.labels(job.model, existing.get("model_version") or version or "default", DUPLICATE).inc()
+                return DUPLICATE
+
+        data = await timer.stage("fetch", retry(lambda: self._fetch(job), "fetch"))
+        prepared = await timer.stage("preprocess", self._in_thread(spec.preprocess, data, self._limits, job.params))
+        del data
+        output_array, served = await timer.stage("infer", retry(lambda: self._infer(spec, version, prepared), "infer"))
+        output = await timer.stage(
+            "postprocess", self._in_thread(spec.postprocess, output_array, prepared, job.output_format)
+        )
+        del output_array
+        result = self._record(job, delivery, served, JobResult.SUCCEEDED, timer)
+        result.output_uri = result_ref(job.output, job.job_id, output.extension).uri
+        result.output_shape.extend(output.shape)
+        # The write precedes the ack and must survive cancellation, or a durable result could go unrecorded.
+        await timer.stage(
+            "write", asyncio.shield(retry(lambda: self._write(job, served, output, result), "write"))
+        )
+        await timer.stage("ack", self._ack(delivery))
+        telemetry.JOBS.labels(job.model, served or "default", SUCCEEDED).inc()
+        telemetry.JOB_LATENCY_SECONDS.labels(job.model).observe(max(0.0, time.time() - delivery.publish_time))
+        if self._success_log.allow():
+            log.info("job_succeeded", version=served, output_uri=result.output_uri, timings_ms=timer.timings_ms)
+        return SUCCEEDED
+
+    # -- the stages ----------------------------------------------------------------------------
+
+    async def _fetch(self, job: Job) -> bytes:
+        if job.input_bytes is not None:
+            telemetry.BYTES_READ.inc(len(job.input_bytes))
+            return job.input_bytes
+        assert job.input_ref is not None
+        return await self._storage.read_input(job.input_ref, self._settings.max_input_bytes)
+
+    async def _infer(self, spec: ModelSpec, version: str, prepared: Prepared) -> tuple[NDArray[Any], str]:
+        array = prepared.array[np.newaxis] if spec.batched else prepared.array
+        result = await self._stream.infer(
+            spec.name,
+            version,
+            [(spec.input.name, spec.input.wire_dtype, array)],
+            parameters=prepared.parameters,
+        )
+        output = result.outputs[spec.output.name]
+        return (output[0] if spec.batched else output), result.model_version
+
+    async def _write(self, job: Job, version: str, output: Output, result: JobResult) -> None:
+        metadata = {"job_id": job.job_id, "model": job.model, "model_version": version}
+        start = time.perf_counter()
+        await self._storage.write_once(
+            result_ref(job.output, job.job_id, output.extension), output.data, output.content_type, metadata
+        )
+        # The record cannot time its own write: it carries the result's.
+        result.timings_ms["write"] = round((time.perf_counter() - start) * 1000, 3)
+        await self._storage.write_once(
+            record_ref(job.output, job.job_id), jobs.result_json(result), "application/json", metadata
+        )
+
+    async def _ack(self, delivery: Delivery) -> None:
+        delivery.ack()
+
+    def _in_thread(self, fn: Callable[..., T], *args: Any) -> Awaitable[T]:
+        return asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    # -- outcomes --------------------------------------------------------------------------------
+
+    def _record(self, job: Job | None, delivery: Delivery, version: str, status: int, timer: Timer) -> JobResult:
+        return JobResult(
+            job_id=job.job_id if job else "",
+            status=status,  # type: ignore[arg-type]
+            model=job.model if job else "",
+            model_version=version,
+            timings_ms=timer.timings_ms,
+            finished_at=datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            message_id=delivery.message_id,
+            delivery_attempt=delivery.delivery_attempt or 0,
+            latency_ms=round(max(0.0, time.time() - delivery.publish_time) * 1000, 3),
+        )
+
+    async def _fail_permanently(
+        self,
+        delivery: Delivery,
+        *,
+        message: jobs.ImageJob | None,
+        job: Job | None,
+        version: str,
+        error: PermanentJobError,
+        timer: Timer,
+    ) -> str:
+        result = self._record(job, delivery, version, JobResult.FAILED, timer)
+        result.error_code = error.code
+        result.error_message = error.message
+        if job is None and message is not None:
+            result.job_id = message.job_id if jobs.valid_job_id(message.job_id) else ""
+            result.model = message.model[:64]
+        ref = jobs.record_location(message, self._rules, delivery.message_id)
+        metadata = {"job_id": result.job_id, "error_code": error.code}
+        try:
+            await asyncio.shield(
+                retrying(
+                    lambda: self._storage.write_once(ref, jobs.result_json(result), "application/json", metadata),
+                    attempts=self._settings.retry_attempts,
+                    base_s=self._settings.retry_base_s,
+                    what="write_error_record",
+                    on_retry=lambda: None,
+                )
+            )
+        except TransientError as exc:
+            return self._nack(delivery, job, "transient", f"error record not written: {exc}")
+        delivery.ack()
+        telemetry.JOBS.labels(result.model or "unknown", version or "default", FAILED_PERMANENT).inc()
+        telemetry.FAILURES.labels(error.code).inc()
+        log.warning("job_failed", reason=error.code, error=error.message, record=ref.uri)
+        return FAILED_PERMANENT
+
+    def _nack(self, delivery: Delivery, job: Job | None, reason: str, error: str) -> str:
+        delivery.nack()
+        telemetry.JOBS.labels(job.model if job else "unknown", "default", NACKED).inc()
+        telemetry.FAILURES.labels(reason).inc()
+        log.warning("job_nacked", reason=reason, error=error)
+        return NACKED

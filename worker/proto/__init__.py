@@ -1,0 +1,1 @@
+"""Code generated from ``protos/job.proto`` by ``make proto``; do not edit."""

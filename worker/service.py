@@ -1,0 +1,173 @@
+"""The running worker: wires Triton, storage, the pipeline, the consumer and the HTTP server, and stops them in order.
+
+Start order: HTTP server (so probes answer), Triton stream and catalog,
+storage, pipeline workers, and last the consumer, so nothing is pulled before
+it can be processed. Stop order, one guarded method:
+
+    stop pulling -> drain in-flight jobs within the grace period -> nack the unfinished
+    -> flush acks and close the subscriber -> close the Triton stream -> close storage -> HTTP server
+
+Signals are not handled here; ``cli.py`` turns SIGTERM into ``request_stop()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from concurrent.futures import ThreadPoolExecutor
+
+import structlog
+
+from worker import telemetry
+from worker.config import Settings
+from worker.consumer import Consumer, Delivery
+from worker.errors import TransientError
+from worker.images import configure_pillow
+from worker.pipeline import Pipeline
+from worker.server import HttpServer
+from worker.storage import Storage
+from worker.triton import Catalog, TritonControl, TritonStream
+
+log = structlog.get_logger(__name__)
+
+#: Seconds between catalog refreshes in the background, so versions loaded or
+#: unloaded in Triton are picked up even when no job misses.
+CATALOG_REFRESH_S = 30.0
+
+
+class Worker:
+    """``run()`` serves until ``request_stop()``; every task it starts, it owns and joins."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.queue: asyncio.Queue[Delivery] = asyncio.Queue(maxsize=settings.max_messages)
+        self.executor = ThreadPoolExecutor(max_workers=settings.thread_count, thread_name_prefix="image")
+        self.control = TritonControl(settings.triton_url)
+        self.catalog = Catalog(self.control)
+        self.stream = TritonStream(settings.triton_url, request_timeout_s=settings.infer_timeout_s)
+        self.storage = Storage()
+        self.pipeline = Pipeline(settings, self.stream, self.catalog, self.storage, self.executor)
+        self.consumer = Consumer(
+            settings.subscription_path,
+            self.queue,
+            max_messages=settings.max_messages,
+            max_bytes=settings.max_bytes,
+            max_lease_duration_s=settings.max_lease_duration_s,
+        )
+        self.http = HttpServer(settings.http_port, self.readiness, self._before_scrape)
+        self._stop_requested = asyncio.Event()
+        self._stopping = False
+        self._started = False
+        #: Set once the consumer pulls: the worker is serving.
+        self.serving = asyncio.Event()
+
+    def request_stop(self) -> None:
+        self._stop_requested.set()
+
+    async def readiness(self) -> str | None:
+        if self._stopping or self._stop_requested.is_set():
+            return "shutting down"
+        if not self._started:
+            return "starting"
+        if not await self.control.server_ready():
+            return "triton is not ready"
+        if not self.consumer.running:
+            return "consumer is not pulling"
+        routed = [m for m in self.catalog.models]
+        for model in routed:
+            if not await self.control.model_ready(model):
+                return f"model {model} is not ready"
+        return None
+
+    def _before_scrape(self) -> None:
+        telemetry.OLDEST_MESSAGE_AGE.set(self.consumer.oldest_age_s())
+        telemetry.TRITON_IN_FLIGHT.set(self.stream.in_flight)
+
+    async def run(self) -> None:
+        """Serve until ``request_stop()``, then stop in order."""
+        if self._started:
+            raise RuntimeError("Worker already ran")
+        configure_pillow(self.settings.max_input_pixels)
+        await self.http.start()
+        workers: asyncio.Task[None] | None = None
+        refresher: asyncio.Task[None] | None = None
+        try:
+            await self._wait_for_triton()
+            await self.stream.start()
+            await self.storage.start()
+            workers = asyncio.create_task(
+                self.pipeline.run_workers(self.queue, self.settings.max_in_flight), name="pipeline"
+            )
+            refresher = asyncio.create_task(self._refresh_catalog(), name="catalog-refresh")
+            self.consumer.start()
+            self._started = True
+            self.serving.set()
+            log.info(
+                "worker_started",
+                subscription=self.settings.subscription_path,
+                models={m: sorted(v) for m, v in self.catalog.models.items()},
+                http_port=self.http.port,
+            )
+            await self._stop_requested.wait()
+        finally:
+            await self._shutdown(workers, refresher)
+
+    async def _wait_for_triton(self) -> None:
+        """Block until Triton answers and the catalog is read: the pod is not ready before that."""
+        delay = 0.1
+        while not self._stop_requested.is_set():
+            if await self.control.server_ready():
+                await self.catalog.refresh()
+                return
+            log.info("waiting_for_triton", url=self.settings.triton_url)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop_requested.wait(), delay)
+            delay = min(delay * 2, 5.0)
+
+    async def _refresh_catalog(self) -> None:
+        while True:
+            await asyncio.sleep(CATALOG_REFRESH_S)
+            try:
+                await self.catalog.refresh()
+            except TransientError as exc:
+                log.warning("catalog_refresh_failed", error=str(exc))
+
+    async def _shutdown(self, workers: asyncio.Task[None] | None, refresher: asyncio.Task[None] | None) -> None:
+        if self._stopping:
+            return
+        self._stopping = True
+        grace = self.settings.shutdown_grace_s
+        log.info("worker_stopping", in_flight=self.pipeline.in_flight, grace_s=grace)
+        # 1. Stop pulling: nothing new arrives; held messages stay held.
+        self.consumer.stop_pulling()
+        # 2. Drain: let the workers finish what is queued and in flight, within the grace period.
+        nacked = 0
+        if workers is not None:
+            try:
+                await asyncio.wait_for(self._drained(), grace)
+            except TimeoutError:
+                log.warning("grace_period_over", in_flight=self.pipeline.in_flight)
+            # 3. Cancel what is left: the pipeline nacks each job it cancels.
+            workers.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await workers
+        while not self.queue.empty():
+            self.queue.get_nowait().nack()
+            nacked += 1
+        nacked += self.consumer.nack_held()
+        if refresher is not None:
+            refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await refresher
+        # 4. Flush acks and nacks, close the subscriber.
+        await self.consumer.wait_closed()
+        # 5. Close the clients, then the probes.
+        await self.stream.stop()
+        await self.storage.close()
+        await self.control.close()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        await self.http.stop()
+        log.info("worker_stopped", nacked=nacked)
+
+    async def _drained(self) -> None:
+        await self.queue.join()

@@ -1,0 +1,375 @@
+"""``TritonStream``: one long-lived bidirectional gRPC stream to Triton, carrying many requests at once.
+
+Every inference of the worker goes through one ``ModelStreamInfer`` call: a
+bounded queue feeds a writer, one reader routes each response to the future
+waiting on its request id, and every request has a deadline. Triton's dynamic
+batcher sees a steady flow of single requests and forms the batches.
+
+Why not ``tritonclient.grpc.aio``'s ``stream_infer`` helper: it turns an error
+response into an exception without the request id, so a failed request could
+not be told apart from the others in flight. This module speaks the same
+protocol (``tritonclient.grpc.service_pb2``) over a ``grpc.aio`` stream
+directly, which also lets tensors go into ``raw_input_contents`` with one copy
+and come back as ``np.frombuffer`` views with none. The control plane
+(readiness, model configs, loading) uses tritonclient's aio client as is.
+
+When the stream breaks (Triton restarted, connection reset), every request
+written to it fails with ``TransientError`` (the pipeline retries them on the
+next stream), requests not yet written wait in the queue, and the stream is
+reopened with exponential backoff. A stream that stops answering while
+requests are pending is torn down rather than left to hang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import numpy as np
+import structlog
+from numpy.typing import NDArray
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+from tritonclient.grpc.aio import InferenceServerClient
+from tritonclient.utils import InferenceServerException
+
+from worker import telemetry
+from worker.errors import PermanentJobError, TransientError
+from worker.models import ModelSpec
+
+log = structlog.get_logger(__name__)
+
+#: Images travel inside gRPC messages; gRPC's 4 MiB default is far too small
+#: for a 4x upscale (a 1024 px input comes back as 48 MiB).
+MAX_MESSAGE_BYTES = 512 * 1024 * 1024
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+]
+#: Reconnect backoff bounds in seconds: quick first retry, capped so a
+#: restarted Triton is picked up within a few seconds of becoming ready.
+RECONNECT_BASE_S = 0.1
+RECONNECT_MAX_S = 5.0
+#: Error texts of Triton responses that mean "the request was wrong", not "try again".
+PERMANENT_ERROR_MARKERS = (
+    "unexpected inference input",
+    "unexpected shape",
+    "invalid",
+    "unknown",
+    "must be",
+)
+#: gRPC codes that mean the server is (briefly) unreachable or overloaded.
+RETRYABLE_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+    }
+)
+
+
+@dataclass(frozen=True)
+class InferResult:
+    """One response: the output tensors by name and the version that served it."""
+
+    outputs: Mapping[str, NDArray[Any]]
+    model_version: str
+
+
+class StreamBroken(TransientError):
+    """The stream closed while this request was in flight; retry it."""
+
+
+def _classify(message: str) -> Exception:
+    lowered = message.lower()
+    if "not found" in lowered or "unavailable" in lowered or "not ready" in lowered:
+        # A model that is unknown or still loading: the caller decides (catalog refresh or retry).
+        return TransientError(f"triton: {message}")
+    if any(marker in lowered for marker in PERMANENT_ERROR_MARKERS):
+        return PermanentJobError("inference_rejected", f"triton rejected the request: {message}")
+    return TransientError(f"triton: {message}")
+
+
+def _to_numpy(tensor: Any, raw: bytes) -> NDArray[Any]:
+    dtype = {"UINT8": np.uint8, "FP32": np.float32, "INT32": np.int32, "FP16": np.float16, "INT64": np.int64}[
+        tensor.datatype
+    ]
+    return np.frombuffer(raw, dtype=dtype).reshape(tuple(tensor.shape))
+
+
+class TritonStream:
+    """The one stream. ``start()`` once, ``infer()`` from any number of tasks, ``stop()`` when done."""
+
+    def __init__(self, url: str, *, request_timeout_s: float, queue_size: int = 256) -> None:
+        self._url = url
+        self._request_timeout_s = request_timeout_s
+        self._queue: asyncio.Queue[service_pb2.ModelInferRequest] = asyncio.Queue(maxsize=queue_size)
+        self._pending: dict[str, asyncio.Future[InferResult]] = {}
+        self._ids = itertools.count()
+        self._channel: grpc.aio.Channel | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._call: Any = None
+        self._last_response = 0.0
+        self._responded = False
+        self.connected = asyncio.Event()
+
+    async def start(self) -> None:
+        if self._task is not None:
+            raise RuntimeError("TritonStream already started")
+        self._channel = grpc.aio.insecure_channel(self._url, options=CHANNEL_OPTIONS)
+        self._task = asyncio.create_task(self._run(), name="triton-stream")
+
+    async def stop(self) -> None:
+        """Close the stream; requests still pending fail with ``TransientError``."""
+        if self._task is None:
+            return
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self._task = None
+        self._fail_pending(TransientError("triton stream stopped"))
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    async def infer(
+        self,
+        model: str,
+        version: str,
+        inputs: Sequence[tuple[str, str, NDArray[Any]]],
+        *,
+        parameters: Mapping[str, str] | None = None,
+        timeout_s: float | None = None,
+        priority: int = 0,
+    ) -> InferResult:
+        """Run one request: ``inputs`` are ``(name, wire_dtype, array)`` with the batch dimension included."""
+        if self._task is None:
+            raise RuntimeError("TritonStream not started")
+        request_id = f"r{next(self._ids)}"
+        request = service_pb2.ModelInferRequest(model_name=model, model_version=version, id=request_id)
+        for name, dtype, array in inputs:
+            tensor = request.inputs.add()
+            tensor.name = name
+            tensor.datatype = dtype
+            tensor.shape.extend(array.shape)
+            request.raw_input_contents.append(np.ascontiguousarray(array).tobytes())
+        for key, value in (parameters or {}).items():
+            request.parameters[key].string_param = value
+        if priority:
+            request.parameters["priority"].uint64_param = priority
+        timeout = timeout_s if timeout_s is not None else self._request_timeout_s
+        # Triton drops a request still queued past its timeout, which keeps a backlog from going stale.
+        request.parameters["timeout"].int64_param = int(timeout * 1_000_000)
+
+        future: asyncio.Future[InferResult] = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = future
+        try:
+            await asyncio.wait_for(self._queue.put(request), timeout)
+            return await asyncio.wait_for(asyncio.shield(future), timeout)
+        except TimeoutError as exc:
+            self._on_timeout()
+            raise TransientError(f"triton request to {model} timed out after {timeout:.1f} s") from exc
+        finally:
+            self._pending.pop(request_id, None)
+
+    def _on_timeout(self) -> None:
+        # Responses stopped arriving although requests wait: the stream is stuck, not slow.
+        loop = asyncio.get_running_loop()
+        if self._call is not None and loop.time() - self._last_response > self._request_timeout_s:
+            log.warning("triton_stream_stalled", pending=len(self._pending))
+            self._call.cancel()
+
+    def _fail_pending(self, error: Exception) -> None:
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(error)
+
+    async def _run(self) -> None:
+        assert self._channel is not None
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
+        failures = 0
+        while True:
+            call = stub.ModelStreamInfer()
+            self._call = call
+            self._responded = False
+            self._last_response = asyncio.get_running_loop().time()
+            writer = asyncio.create_task(self._write(call), name="triton-stream-writer")
+            try:
+                await call.wait_for_connection()
+                self.connected.set()
+                await self._read(call)
+                reason = "stream closed by server"
+            except grpc.aio.AioRpcError as exc:
+                reason = f"{exc.code().name}: {exc.details()}"
+            finally:
+                writer.cancel()
+                with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+                    await writer
+                call.cancel()
+                self._call = None
+                self.connected.clear()
+            # A stream that carried responses was healthy: start the backoff afresh.
+            failures = 0 if self._responded else failures + 1
+            self._fail_pending(StreamBroken(f"triton stream broke: {reason}"))
+            telemetry.TRITON_RECONNECTS.inc()
+            delay = min(RECONNECT_MAX_S, RECONNECT_BASE_S * 2**failures) * random.uniform(0.5, 1.0)
+            log.warning("triton_stream_reconnecting", reason=reason, delay_s=round(delay, 3))
+            await asyncio.sleep(delay)
+
+    async def _write(self, call: Any) -> None:
+        while True:
+            request = await self._queue.get()
+            if request.id not in self._pending:
+                continue  # its caller timed out or was cancelled while it queued
+            await call.write(request)
+
+    async def _read(self, call: Any) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            response = await call.read()
+            if response is grpc.aio.EOF:
+                return
+            self._responded = True
+            self._last_response = loop.time()
+            infer = response.infer_response
+            future = self._pending.get(infer.id)
+            if future is None or future.done():
+                continue
+            if response.error_message:
+                future.set_exception(_classify(response.error_message))
+                continue
+            outputs = {
+                tensor.name: _to_numpy(tensor, raw)
+                for tensor, raw in zip(infer.outputs, infer.raw_output_contents, strict=True)
+            }
+            future.set_result(InferResult(outputs, infer.model_version))
+
+
+class TritonControl:
+    """The control plane: server and model readiness, model configs, loading versions."""
+
+    def __init__(self, url: str) -> None:
+        self._client = InferenceServerClient(url)
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    async def server_ready(self) -> bool:
+        try:
+            return bool(await self._client.is_server_ready())
+        except InferenceServerException:
+            return False
+
+    async def model_ready(self, model: str, version: str = "") -> bool:
+        try:
+            return bool(await self._client.is_model_ready(model, version))
+        except InferenceServerException:
+            return False
+
+    async def repository_index(self) -> list[dict[str, Any]]:
+        """Every model version of the repository with its state (READY, LOADING, UNAVAILABLE)."""
+        index = await self._client.get_model_repository_index(as_json=True)
+        models: list[dict[str, Any]] = index.get("models", [])
+        return models
+
+    async def model_spec(self, model: str) -> ModelSpec:
+        try:
+            response = await self._client.get_model_config(model, as_json=True)
+        except InferenceServerException as exc:
+            raise TransientError(f"triton: cannot read the config of {model}: {exc.message()}") from exc
+        return ModelSpec.from_triton_config(response["config"])
+
+    async def load_model(self, model: str, config: Mapping[str, Any] | None = None) -> None:
+        await self._client.load_model(model, config=json.dumps(config) if config else None)
+
+
+#: Seconds between catalog refreshes forced by a miss: a burst of jobs for an
+#: unknown model must not turn into a burst of control-plane calls.
+CATALOG_MIN_REFRESH_S = 2.0
+
+
+class Catalog:
+    """The models and versions Triton serves now, with their specs.
+
+    Refreshed at start and again (at most every ``CATALOG_MIN_REFRESH_S``) when
+    a job names a model or version it does not know, so a version loaded into
+    Triton later is served without a worker restart. A model Triton does not
+    have is the job's fault; one that is loading or unreachable is transient.
+    """
+
+    def __init__(self, control: TritonControl) -> None:
+        self._control = control
+        self._specs: dict[str, ModelSpec] = {}
+        self._ready: dict[str, frozenset[str]] = {}
+        self._known: dict[str, str] = {}  # every model in the repository index, by state
+        self._refreshed_at = -CATALOG_MIN_REFRESH_S
+        self._lock = asyncio.Lock()
+
+    @property
+    def models(self) -> dict[str, frozenset[str]]:
+        """Model name to its READY versions."""
+        return dict(self._ready)
+
+    def label(self, model: str) -> str:
+        """The metrics label of a model: itself if served, else ``unknown`` (keeps label cardinality bounded)."""
+        return model if model in self._known else "unknown"
+
+    async def refresh(self) -> None:
+        async with self._lock:
+            loop = asyncio.get_running_loop()
+            try:
+                index = await self._control.repository_index()
+            except InferenceServerException as exc:
+                raise TransientError(f"triton: cannot list models: {exc.message()}") from exc
+            ready: dict[str, set[str]] = {}
+            known: dict[str, str] = {}
+            for entry in index:
+                name, state = entry["name"], entry.get("state", "")
+                known[name] = "READY" if state == "READY" or known.get(name) == "READY" else state
+                if state == "READY":
+                    ready.setdefault(name, set()).add(entry.get("version", ""))
+            for name in ready:
+                if name not in self._specs:
+                    try:
+                        self._specs[name] = await self._control.model_spec(name)
+                    except ValueError as exc:
+                        log.error("model_not_servable", model=name, error=str(exc))
+            self._ready = {name: frozenset(v) for name, v in ready.items() if name in self._specs}
+            self._known = known
+            self._refreshed_at = loop.time()
+
+    async def _maybe_refresh(self) -> None:
+        if asyncio.get_running_loop().time() - self._refreshed_at >= CATALOG_MIN_REFRESH_S:
+            await self.refresh()
+
+    async def spec(self, model: str) -> ModelSpec:
+        if model not in self._ready:
+            await self._maybe_refresh()
+        if model in self._ready:
+            return self._specs[model]
+        if model in self._known:
+            raise TransientError(f"model {model} is {self._known[model] or 'not ready'} in triton")
+        if model in self._specs:
+            raise TransientError(f"model {model} is not ready in triton")
+        raise PermanentJobError("unknown_model", f"triton serves no model {model!r}")
+
+    async def check_version(self, model: str, version: str) -> None:
+        if not version or version in self._ready.get(model, ()):
+            return
+        await self._maybe_refresh()
+        if version not in self._ready.get(model, ()):
+            raise PermanentJobError("unknown_version", f"triton serves no version {version!r} of {model!r}")
