@@ -1,0 +1,100 @@
+"""Pure image work: decoding with limits, orientation, tensor layout, encoding."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from worker import images
+from worker.demo import sample_image
+from worker.errors import PermanentJobError
+
+LIMITS = images.DecodeLimits(max_bytes=5_000_000, max_pixels=2_000_000)
+
+
+def encoded(width: int, height: int, fmt: str = "PNG", mode: str = "RGB", **save: object) -> bytes:
+    out = io.BytesIO()
+    Image.new(mode, (width, height), "red" if mode != "L" else 128).save(out, fmt, **save)
+    return out.getvalue()
+
+
+def code(data: bytes, limits: images.DecodeLimits = LIMITS) -> str:
+    with pytest.raises(PermanentJobError) as caught:
+        images.decode(data, limits)
+    return caught.value.code
+
+
+def test_decodes_to_rgb_hwc_uint8() -> None:
+    array = images.decode(sample_image(64, 48), LIMITS)
+    assert array.shape == (48, 64, 3)
+    assert array.dtype == np.uint8
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "CMYK"])
+def test_other_modes_become_rgb(mode: str) -> None:
+    fmt = "JPEG" if mode == "CMYK" else "PNG"
+    assert images.decode(encoded(10, 7, fmt, mode), LIMITS).shape == (7, 10, 3)
+
+
+def test_exif_orientation_is_applied() -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    out = io.BytesIO()
+    Image.new("RGB", (40, 20), "blue").save(out, "JPEG", exif=exif.tobytes())
+    assert images.decode(out.getvalue(), LIMITS).shape == (40, 20, 3)
+
+
+def test_refuses_what_is_not_an_image() -> None:
+    assert code(b"") == "not_an_image"
+    assert code(b"hello, world") == "not_an_image"
+
+
+def test_refuses_a_truncated_jpeg() -> None:
+    data = sample_image(256, 256)
+    assert code(data[: len(data) // 2]) == "corrupt_image"
+
+
+def test_refuses_formats_off_the_allowlist() -> None:
+    assert code(encoded(8, 8, "ICO")) == "not_an_image"
+
+
+def test_refuses_too_many_pixels_before_decoding() -> None:
+    # A 30000x30000 PNG compresses to a few hundred KB; the header check refuses it unread.
+    bomb = encoded(30_000, 30_000, "PNG", mode="L", optimize=False)
+    assert len(bomb) < LIMITS.max_bytes
+    assert code(bomb) == "too_large"
+
+
+def test_refuses_too_many_bytes() -> None:
+    assert code(sample_image(64, 64), images.DecodeLimits(max_bytes=100, max_pixels=10**6)) == "too_large"
+
+
+def test_draft_mode_decodes_large_jpegs_smaller() -> None:
+    array = images.decode(sample_image(1024, 1024), LIMITS, draft_size=(224, 224))
+    assert 224 <= array.shape[0] < 1024
+
+
+def test_chw_float_layout() -> None:
+    tensor = images.to_chw_float(np.full((30, 40, 3), 255, np.uint8), (16, 8))
+    assert tensor.shape == (3, 8, 16)
+    assert tensor.dtype == np.float32
+    assert np.allclose(tensor, 1.0)
+
+
+@pytest.mark.parametrize("fmt", ["jpeg", "png", "webp"])
+def test_encode_round_trips(fmt: str) -> None:
+    array = images.decode(sample_image(50, 30), LIMITS)
+    with Image.open(io.BytesIO(images.encode(array, fmt))) as image:
+        assert image.size == (50, 30)
+        assert image.format == images.ENCODERS[fmt][0]
+
+
+def test_alpha_needs_a_format_that_carries_it() -> None:
+    rgba = np.zeros((4, 4, 4), np.uint8)
+    with Image.open(io.BytesIO(images.encode(rgba, "png"))) as image:
+        assert image.mode == "RGBA"
+    with pytest.raises(PermanentJobError):
+        images.encode(rgba, "jpeg")

@@ -1,0 +1,103 @@
+"""The model catalog's pure parts: specs from Triton configs, and pre/post-processing per kind."""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from worker.demo import sample_image
+from worker.errors import PermanentJobError
+from worker.images import DecodeLimits
+from worker.models import ModelSpec, decode_detections, nms, top_k
+
+LIMITS = DecodeLimits(max_bytes=10**7, max_pixels=10**7)
+
+
+def config(name: str, inputs: list[dict[str, Any]], outputs: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    return {"name": name, "max_batch_size": 8, "input": inputs, "output": outputs, **extra}
+
+
+IMAGE = config(
+    "enhance",
+    [{"name": "image", "data_type": "TYPE_UINT8", "dims": ["-1", "-1", "3"]}],
+    [{"name": "output", "data_type": "TYPE_UINT8", "dims": ["-1", "-1", "3"]}],
+)
+EMBEDDING = config(
+    "embedding",
+    [{"name": "image", "data_type": "TYPE_FP32", "dims": ["3", "224", "224"]}],
+    [{"name": "embedding", "data_type": "TYPE_FP32", "dims": ["512"]}],
+)
+
+
+def test_spec_from_triton_config() -> None:
+    spec = ModelSpec.from_triton_config(IMAGE)
+    assert (spec.kind, spec.input.name, spec.input.wire_dtype, spec.output.name) == ("image", "image", "UINT8", "output")
+    assert spec.input.dims == (-1, -1, 3)
+    assert spec.batched
+
+
+def test_a_config_entry_declares_the_kind_of_a_new_model() -> None:
+    custom = dict(EMBEDDING, name="my_clip", parameters={"tritonq_kind": {"string_value": "embedding"}})
+    assert ModelSpec.from_triton_config(custom).kind == "embedding"
+    with pytest.raises(ValueError, match="unknown kind"):
+        ModelSpec.from_triton_config(dict(EMBEDDING, name="mystery"))
+
+
+def test_image_models_round_trip_and_choose_their_format() -> None:
+    spec = ModelSpec.from_triton_config(IMAGE)
+    prepared = spec.preprocess(sample_image(40, 30), LIMITS, {})
+    assert prepared.array.shape == (30, 40, 3)
+    opaque = spec.postprocess(prepared.array, prepared, "")
+    assert (opaque.extension, opaque.content_type) == ("jpg", "image/jpeg")
+    rgba = np.zeros((30, 40, 4), np.uint8)
+    with Image.open(io.BytesIO(spec.postprocess(rgba, prepared, "").data)) as image:
+        assert image.mode == "RGBA"
+    with pytest.raises(PermanentJobError):
+        spec.postprocess(prepared.array, prepared, "json")
+
+
+def test_upscale_scale_is_checked() -> None:
+    spec = ModelSpec.from_triton_config(dict(IMAGE, name="upscale"))
+    assert spec.preprocess(sample_image(8, 8), LIMITS, {"scale": "4"}).parameters == {"scale": "4"}
+    assert spec.preprocess(sample_image(8, 8), LIMITS, {}).parameters == {"scale": "2"}
+    with pytest.raises(PermanentJobError):
+        spec.preprocess(sample_image(8, 8), LIMITS, {"scale": "3"})
+
+
+def test_embeddings_are_written_as_json_or_npy() -> None:
+    spec = ModelSpec.from_triton_config(EMBEDDING)
+    prepared = spec.preprocess(sample_image(500, 300), LIMITS, {})
+    assert prepared.array.shape == (3, 224, 224)
+    assert prepared.original_size == (500, 300)
+    vector = np.linspace(-1, 1, 512, dtype=np.float32)
+    document = json.loads(spec.postprocess(vector, prepared, "json").data)
+    assert document["dim"] == 512
+    assert np.allclose(document["embedding"], vector)
+    assert np.array_equal(np.load(io.BytesIO(spec.postprocess(vector, prepared, "npy").data)), vector)
+
+
+def test_top_k_is_sorted_softmax() -> None:
+    ranked = top_k(np.array([0.0, 5.0, 1.0, 3.0], np.float32), 3)
+    assert [r["class_id"] for r in ranked] == [1, 3, 2]
+    assert sum(r["score"] for r in top_k(np.zeros(10, np.float32), 10)) == pytest.approx(1.0)
+
+
+def test_detections_are_thresholded_scaled_and_suppressed() -> None:
+    rows = np.zeros((6, 7), np.float32)  # cx, cy, w, h, obj, two classes
+    rows[0] = [100, 100, 50, 50, 0.9, 1.0, 0.0]
+    rows[1] = [102, 101, 50, 50, 0.8, 1.0, 0.0]  # overlaps row 0, same class: suppressed
+    rows[2] = [102, 101, 50, 50, 0.8, 0.0, 1.0]  # overlaps, other class: kept
+    rows[3] = [300, 300, 20, 20, 0.1, 1.0, 0.0]  # below the score threshold
+    boxes = decode_detections(rows, input_size=(640, 640), original_size=(1280, 320))
+    assert [b["class_id"] for b in boxes] == [0, 1]
+    assert boxes[0]["box"] == [150.0, 37.5, 250.0, 62.5]
+
+
+def test_nms_keeps_disjoint_boxes() -> None:
+    boxes = np.array([[0, 0, 10, 10], [20, 20, 30, 30]], np.float32)
+    assert nms(boxes, np.array([0.5, 0.9]), np.array([0, 0]), 0.5) == [1, 0]
