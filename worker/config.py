@@ -94,6 +94,9 @@ class Settings(BaseSettings):
     http_port: int = Field(8080, ge=0, le=65535, description="Port of `/metrics`, `/healthz` and `/readyz`.")
     log_level: str = Field("INFO", description="Log level: DEBUG, INFO, WARNING, ERROR.")
     log_format: str = Field("auto", description="`json`, `console`, or `auto` (console on a TTY, JSON otherwise).")
+    log_success_per_s: float = Field(
+        1.0, ge=0, description="Most `job_succeeded` lines logged per second; failures are always logged."
+    )
 
     _split_lists = field_validator("allowed_input_buckets", "allowed_output_buckets", mode="before")(_split_csv)
 

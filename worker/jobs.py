@@ -32,6 +32,7 @@ PREFIX_SEGMENT_RE = re.compile(r"^[A-Za-z0-9_.=-]{1,128}$")
 MAX_PREFIX_CHARS = 512
 MAX_PARAMS = 32
 MAX_PARAM_CHARS = 256
+TRACEPARENT_RE = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
 OUTPUT_FORMATS = frozenset({"png", "jpeg", "webp", "json", "npy"})
 FORMAT_ALIASES = {"jpg": "jpeg"}
 
@@ -92,6 +93,12 @@ def decode_message(data: bytes, attributes: Mapping[str, str]) -> ImageJob:
         # Arbitrary bytes often parse as a protobuf with only unknown fields.
         raise PermanentJobError("invalid_message", "neither JSON nor a binary ImageJob")
     return job
+
+
+def traceparent_of(attributes: Mapping[str, str]) -> str:
+    """The message's W3C ``traceparent`` attribute if well-formed, else ``""``."""
+    value = attributes.get("traceparent", "").strip().lower()
+    return value if TRACEPARENT_RE.match(value) else ""
 
 
 def valid_job_id(job_id: str) -> bool:

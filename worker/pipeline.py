@@ -39,7 +39,7 @@ from worker.consumer import Delivery
 from worker.errors import PermanentJobError, TransientError
 from worker.images import DecodeLimits
 from worker.jobs import GcsRef, Job, JobResult
-from worker.models import ModelSpec, Output, Prepared
+from worker.models import ModelSpec, Output
 from worker.storage import Storage, record_ref, result_ref
 from worker.triton import Catalog, TritonStream
 
@@ -112,7 +112,7 @@ class Pipeline:
         )
         # Jobs in progress by id: a second delivery of the same job waits for the first.
         self._active: dict[str, asyncio.Future[str]] = {}
-        self._success_log = telemetry.RateLimiter(per_s=1.0)
+        self._success_log = telemetry.RateLimiter(per_s=settings.log_success_per_s)
         self.in_flight = 0
 
     # -- the concurrency around one job ------------------------------------------------------
@@ -142,6 +142,12 @@ class Pipeline:
             "message_id": delivery.message_id,
             "delivery_attempt": delivery.delivery_attempt,
         }
+        traceparent = jobs.traceparent_of(delivery.attributes)
+        if traceparent:
+            # Cloud Logging links log lines to the trace through these two fields.
+            _, trace_id, span_id, _ = traceparent.split("-")
+            context["logging.googleapis.com/trace"] = f"projects/{self._settings.project}/traces/{trace_id}"
+            context["logging.googleapis.com/spanId"] = span_id
         job: Job | None = None
         version = ""
         message: jobs.ImageJob | None = None
@@ -221,7 +227,12 @@ class Pipeline:
         data = await timer.stage("fetch", retry(lambda: self._fetch(job), "fetch"))
         prepared = await timer.stage("preprocess", self._in_thread(spec.preprocess, data, self._limits, job.params))
         del data
-        output_array, served = await timer.stage("infer", retry(lambda: self._infer(spec, version, prepared), "infer"))
+        parameters = dict(prepared.parameters)
+        if traceparent := jobs.traceparent_of(delivery.attributes):
+            parameters["traceparent"] = traceparent
+        output_array, served = await timer.stage(
+            "infer", retry(lambda: self._infer(spec, version, prepared.array, parameters), "infer")
+        )
         output = await timer.stage(
             "postprocess", self._in_thread(spec.postprocess, output_array, prepared, job.output_format)
         )
@@ -230,9 +241,7 @@ class Pipeline:
         result.output_uri = result_ref(job.output, job.job_id, output.extension).uri
         result.output_shape.extend(output.shape)
         # The write precedes the ack and must survive cancellation, or a durable result could go unrecorded.
-        await timer.stage(
-            "write", asyncio.shield(retry(lambda: self._write(job, served, output, result), "write"))
-        )
+        await timer.stage("write", asyncio.shield(retry(lambda: self._write(job, served, output, result), "write")))
         await timer.stage("ack", self._ack(delivery))
         telemetry.JOBS.labels(job.model, served or "default", SUCCEEDED).inc()
         telemetry.JOB_LATENCY_SECONDS.labels(job.model).observe(max(0.0, time.time() - delivery.publish_time))
@@ -249,13 +258,12 @@ class Pipeline:
         assert job.input_ref is not None
         return await self._storage.read_input(job.input_ref, self._settings.max_input_bytes)
 
-    async def _infer(self, spec: ModelSpec, version: str, prepared: Prepared) -> tuple[NDArray[Any], str]:
-        array = prepared.array[np.newaxis] if spec.batched else prepared.array
+    async def _infer(
+        self, spec: ModelSpec, version: str, array: NDArray[Any], parameters: dict[str, str]
+    ) -> tuple[NDArray[Any], str]:
+        batch = array[np.newaxis] if spec.batched else array
         result = await self._stream.infer(
-            spec.name,
-            version,
-            [(spec.input.name, spec.input.wire_dtype, array)],
-            parameters=prepared.parameters,
+            spec.name, version, [(spec.input.name, spec.input.wire_dtype, batch)], parameters=parameters
         )
         output = result.outputs[spec.output.name]
         return (output[0] if spec.batched else output), result.model_version
@@ -291,6 +299,7 @@ class Pipeline:
             message_id=delivery.message_id,
             delivery_attempt=delivery.delivery_attempt or 0,
             latency_ms=round(max(0.0, time.time() - delivery.publish_time) * 1000, 3),
+            traceparent=jobs.traceparent_of(delivery.attributes),
         )
 
     async def _fail_permanently(

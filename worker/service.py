@@ -58,7 +58,8 @@ class Worker:
         self._stop_requested = asyncio.Event()
         self._stopping = False
         self._started = False
-        #: Set once the consumer pulls: the worker is serving.
+        #: Set once the probes answer, and once the consumer pulls (the worker is serving).
+        self.listening = asyncio.Event()
         self.serving = asyncio.Event()
 
     def request_stop(self) -> None:
@@ -89,6 +90,7 @@ class Worker:
             raise RuntimeError("Worker already ran")
         configure_pillow(self.settings.max_input_pixels)
         await self.http.start()
+        self.listening.set()
         workers: asyncio.Task[None] | None = None
         refresher: asyncio.Task[None] | None = None
         try:

@@ -101,7 +101,7 @@ class RateLimiter:
         if self._per_s <= 0:
             return False
         now = time.monotonic()
-        self._tokens = min(self._per_s, self._tokens + (now - self._last) * self._per_s)
+        self._tokens = min(max(1.0, self._per_s), self._tokens + (now - self._last) * self._per_s)
         self._last = now
         if self._tokens >= 1:
             self._tokens -= 1

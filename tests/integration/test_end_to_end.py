@@ -40,9 +40,7 @@ def undelivered(settings: Settings) -> int:
     """Messages still in the subscription (pulled without acking, so they stay)."""
     subscriber = pubsub_v1.SubscriberClient()
     try:
-        response = subscriber.pull(
-            request={"subscription": settings.subscription_path, "max_messages": 100}, timeout=5
-        )
+        response = subscriber.pull(request={"subscription": settings.subscription_path, "max_messages": 100}, timeout=5)
         return len(response.received_messages)
     except DeadlineExceeded:
         return 0
@@ -95,9 +93,13 @@ async def test_bad_input_is_recorded_and_acked_while_good_jobs_succeed(
         not_image = await client.upload_bytes(b"this is not an image", "not-image.jpg")
         bad = {
             "unknown_model": build_job("no_such_model", input_uri=good_uri, job_id="bad-model"),
-            "input_not_found": build_job("enhance", input_uri=f"gs://{settings.input_bucket}/nope.jpg", job_id="bad-missing"),
+            "input_not_found": build_job(
+                "enhance", input_uri=f"gs://{settings.input_bucket}/nope.jpg", job_id="bad-missing"
+            ),
             "not_an_image": build_job("enhance", input_uri=not_image, job_id="bad-bytes"),
-            "bucket_not_allowed": build_job("enhance", input_uri="gs://someone-elses-bucket/x.jpg", job_id="bad-bucket"),
+            "bucket_not_allowed": build_job(
+                "enhance", input_uri="gs://someone-elses-bucket/x.jpg", job_id="bad-bucket"
+            ),
             "unknown_version": build_job("enhance", input_uri=good_uri, job_id="bad-version", version="99"),
         }
         good = [build_job("enhance", input_uri=good_uri, job_id=f"good-{i}") for i in range(5)]

@@ -49,7 +49,9 @@ def test_malformed_messages_are_permanent_errors(data: bytes) -> None:
 
 def test_a_valid_job_keeps_its_fields() -> None:
     job = jobs.validate(
-        build_job("upscale", input_uri="gs://inputs/dir/a.jpg", job_id="a-1.b_2", params={"scale": "4"}, output_format="JPG"),
+        build_job(
+            "upscale", input_uri="gs://inputs/dir/a.jpg", job_id="a-1.b_2", params={"scale": "4"}, output_format="JPG"
+        ),
         RULES,
     )
     assert job.input_ref == GcsRef("inputs", "dir/a.jpg")

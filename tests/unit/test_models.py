@@ -36,7 +36,12 @@ EMBEDDING = config(
 
 def test_spec_from_triton_config() -> None:
     spec = ModelSpec.from_triton_config(IMAGE)
-    assert (spec.kind, spec.input.name, spec.input.wire_dtype, spec.output.name) == ("image", "image", "UINT8", "output")
+    assert (spec.kind, spec.input.name, spec.input.wire_dtype, spec.output.name) == (
+        "image",
+        "image",
+        "UINT8",
+        "output",
+    )
     assert spec.input.dims == (-1, -1, 3)
     assert spec.batched
 
