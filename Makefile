@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PROFILE ?= cpu
 
-.PHONY: demo test lint proto proto-check install unit integration clean
+.PHONY: demo test lint proto proto-check install unit integration clean settings-table models models-check bench chaos smoke
 
 $(BIN)/tritonq: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -41,6 +41,21 @@ proto-check: install
 	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=$$tmp --pyi_out=$$tmp protos/job.proto && \
 	diff -q $$tmp/job_pb2.py worker/proto/job_pb2.py && diff -q $$tmp/job_pb2.pyi worker/proto/job_pb2.pyi \
 	  || { echo "worker/proto is stale: run 'make proto'"; exit 1; }; rm -rf $$tmp
+
+# cpu: re-renders triton/model_repository in place and exports its ONNX files;
+# gpu: renders configs, code and ONNX files into build/model_repository_gpu.
+models: install
+	$(BIN)/python triton/scripts/render_repository.py --profile $(PROFILE)
+
+models-check: install
+	$(BIN)/python triton/scripts/render_repository.py --check
+	$(BIN)/python triton/scripts/export_models.py --check
+
+# The README's settings table is generated from worker/config.py (a test fails when it is stale).
+settings-table: install
+	$(BIN)/python -c "import re, pathlib; from worker.config import settings_markdown; p = pathlib.Path('README.md'); \
+	  s = p.read_text(); a, b = '<!-- settings:start -->\n', '<!-- settings:end -->'; \
+	  p.write_text(s[:s.index(a) + len(a)] + settings_markdown() + s[s.index(b):])"
 
 clean:
 	rm -rf build .tritonq
