@@ -144,6 +144,8 @@ def _run_stack(settings: Settings, state_dir: Path) -> int:
     from worker.stack import Stack
 
     stack = Stack(state_dir=state_dir.resolve())
+    if not settings.results_topic:
+        settings = settings.model_copy(update={"results_topic": "tritonq-job-results"})
 
     def stop(*_: object) -> None:
         raise KeyboardInterrupt

@@ -18,6 +18,7 @@ import asyncio
 import mimetypes
 import uuid
 from collections.abc import Mapping
+from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -47,6 +48,9 @@ def build_job(
     params: Mapping[str, str] | None = None,
     output_format: str = "",
     output_prefix: str = "",
+    priority: str = "",
+    timeout_s: float = 0.0,
+    deadline: datetime | None = None,
 ) -> ImageJob:
     """An ``ImageJob`` with exactly one input."""
     if bool(input_uri) == bool(input_bytes):
@@ -58,7 +62,11 @@ def build_job(
         output_prefix=output_prefix,
         output_format=output_format,
         params=dict(params or {}),
+        priority=priority,
+        timeout_s=timeout_s,
     )
+    if deadline is not None:
+        job.deadline.FromDatetime(deadline)
     if input_uri:
         job.input_uri = input_uri
     else:

@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     max_delivery_attempts: int = Field(
         5, ge=5, le=100, description="Deliveries before Pub/Sub dead-letters a message (5 to 100)."
     )
+    results_topic: str = Field(
+        "", description="If set, every finished job's `JobResult` is published here before the ack."
+    )
     input_bucket: str = Field("tritonq-inputs", description="Bucket `tritonq publish` uploads local images to.")
     output_bucket: str = Field("tritonq-results", description="Bucket results are written to by default.")
     output_prefix: str = Field("results", description="Object prefix of results when a job names none.")
@@ -131,6 +134,10 @@ class Settings(BaseSettings):
     @property
     def topic_path(self) -> str:
         return _path(self.project, "topics", self.topic)
+
+    @property
+    def results_topic_path(self) -> str:
+        return _path(self.project, "topics", self.results_topic) if self.results_topic else ""
 
     @property
     def thread_count(self) -> int:

@@ -60,6 +60,24 @@ def decode(data: bytes, limits: DecodeLimits, draft_size: tuple[int, int] | None
     return np.asarray(_open_rgb(data, limits, draft_size, mode="RGB"))
 
 
+def probe(data: bytes, limits: DecodeLimits) -> tuple[int, int]:
+    """Check an encoded image against the limits from its header alone; returns (width, height)."""
+    if not data:
+        raise PermanentJobError("not_an_image", "input is empty")
+    if len(data) > limits.max_bytes:
+        raise PermanentJobError("too_large", f"input is {len(data)} bytes, limit {limits.max_bytes}")
+    try:
+        with Image.open(io.BytesIO(data), formats=sorted(limits.formats)) as opened:
+            width, height = opened.size
+    except UnidentifiedImageError as exc:
+        raise PermanentJobError("not_an_image", "input is not an image in an allowed format") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise PermanentJobError("corrupt_image", f"image header could not be read: {exc}") from exc
+    if width * height > limits.max_pixels:
+        raise PermanentJobError("too_large", f"image is {width}x{height} pixels, limit {limits.max_pixels} pixels")
+    return width, height
+
+
 def _open_rgb(data: bytes, limits: DecodeLimits, draft_size: tuple[int, int] | None, mode: str) -> Image.Image:
     if not data:
         raise PermanentJobError("not_an_image", "input is empty")

@@ -33,6 +33,9 @@ MAX_PREFIX_CHARS = 512
 MAX_PARAMS = 32
 MAX_PARAM_CHARS = 256
 TRACEPARENT_RE = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
+#: Job priority names to Triton priority levels (1 is served first; the image
+#: models declare ``priority_levels: 3`` with ``default_priority_level: 2``).
+PRIORITIES = {"high": 1, "normal": 2, "low": 3}
 OUTPUT_FORMATS = frozenset({"png", "jpeg", "webp", "json", "npy"})
 FORMAT_ALIASES = {"jpg": "jpeg"}
 
@@ -71,6 +74,16 @@ class Job:
     output: GcsRef
     params: Mapping[str, str] = field(default_factory=dict)
     output_format: str = ""
+    #: Seconds since the epoch after which the job is worthless; ``None`` if it has no deadline.
+    deadline: float | None = None
+    #: Triton priority level; 0 leaves the model's default.
+    priority: int = 0
+
+    def remaining_s(self, now: float) -> float | None:
+        return None if self.deadline is None else self.deadline - now
+
+    def expired(self, now: float) -> bool:
+        return self.deadline is not None and now >= self.deadline
 
 
 def decode_message(data: bytes, attributes: Mapping[str, str]) -> ImageJob:
@@ -136,8 +149,11 @@ def output_of(message: ImageJob, rules: JobRules) -> GcsRef:
     return GcsRef(ref.bucket, _check_prefix(ref.name))
 
 
-def validate(message: ImageJob, rules: JobRules) -> Job:
-    """Check every field a producer controls; return the ``Job`` or raise ``PermanentJobError``."""
+def validate(message: ImageJob, rules: JobRules, publish_time: float = 0.0) -> Job:
+    """Check every field a producer controls; return the ``Job`` or raise ``PermanentJobError``.
+
+    ``publish_time`` (seconds since the epoch) anchors a relative ``timeout_s``.
+    """
     if not valid_job_id(message.job_id):
         raise PermanentJobError(
             "invalid_job_id", "job_id must be 1-128 characters of [A-Za-z0-9_.-], start alphanumeric, no '..'"
@@ -178,6 +194,16 @@ def validate(message: ImageJob, rules: JobRules) -> Job:
         len(k) > MAX_PARAM_CHARS or len(v) > MAX_PARAM_CHARS for k, v in message.params.items()
     ):
         raise PermanentJobError("invalid_params", f"at most {MAX_PARAMS} params of {MAX_PARAM_CHARS} characters")
+    priority = message.priority.lower()
+    if priority and priority not in PRIORITIES:
+        raise PermanentJobError("invalid_priority", f"priority {message.priority!r} is not one of {sorted(PRIORITIES)}")
+    deadlines = []
+    if message.HasField("deadline"):
+        deadlines.append(message.deadline.seconds + message.deadline.nanos / 1e9)
+    if message.timeout_s < 0:
+        raise PermanentJobError("invalid_deadline", "timeout_s must not be negative")
+    if message.timeout_s > 0:
+        deadlines.append(publish_time + message.timeout_s)
     return Job(
         job_id=message.job_id,
         model=message.model,
@@ -187,6 +213,8 @@ def validate(message: ImageJob, rules: JobRules) -> Job:
         output=output,
         params=dict(message.params),
         output_format=fmt,
+        deadline=min(deadlines) if deadlines else None,
+        priority=PRIORITIES.get(priority, 0),
     )
 
 

@@ -14,6 +14,8 @@ Kinds:
 - ``embedding``: FP32 ``[3, S, S]`` in, FP32 ``[D]`` out, L2-normalised, written as JSON or ``.npy``.
 - ``classification``: FP32 ``[3, S, S]`` in, FP32 logits ``[C]`` out, top-k labels as JSON.
 - ``detections``: FP32 ``[3, S, S]`` in, YOLO rows ``[R, 5 + C]`` out, NMS-filtered boxes as JSON.
+- ``encoded_image``: the encoded file in, an encoded image out (BYTES both ways): decoding and encoding
+  run inside Triton (an ensemble), for producers who want preprocessing on the server.
 """
 
 from __future__ import annotations
@@ -42,10 +44,20 @@ BUILTIN_KINDS = {
     "resnet50": "classification",
     "pcb_detector": "detections",
 }
-KINDS = frozenset({"image", "embedding", "classification", "detections"})
+KINDS = frozenset({"image", "embedding", "classification", "detections", "encoded_image"})
 #: Triton data type names to numpy.
-DTYPES = {"TYPE_UINT8": np.uint8, "TYPE_FP32": np.float32, "TYPE_INT32": np.int32, "TYPE_FP16": np.float16}
-WIRE_DTYPES = {"TYPE_UINT8": "UINT8", "TYPE_FP32": "FP32", "TYPE_INT32": "INT32", "TYPE_FP16": "FP16"}
+WIRE_DTYPES = {
+    "TYPE_UINT8": "UINT8",
+    "TYPE_FP32": "FP32",
+    "TYPE_INT32": "INT32",
+    "TYPE_FP16": "FP16",
+    "TYPE_STRING": "BYTES",
+}
+#: Per-channel mean and standard deviation of the ``tritonq_normalize: imagenet`` config parameter.
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32).reshape(3, 1, 1)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32).reshape(3, 1, 1)
+#: Encoded outputs are named by their magic bytes.
+MAGIC = ((b"\x89PNG", "png"), (b"\xff\xd8\xff", "jpeg"), (b"RIFF", "webp"))
 TOP_K = 5
 SCORE_THRESHOLD = 0.25
 IOU_THRESHOLD = 0.45
@@ -138,11 +150,18 @@ class ModelSpec:
             array = images.decode(data, limits)
             height, width = array.shape[:2]
             return Prepared(array, (width, height), image_parameters(self.name, params))
+        if self.kind == "encoded_image":
+            # Triton decodes; the worker only checks the header against the same limits.
+            width, height = images.probe(data, limits)
+            return Prepared(np.array([data], dtype=np.object_), (width, height))
         size = self.square_size
         # Draft mode lets libjpeg decode at 1/2, 1/4, 1/8 scale when the model wants less.
         array = images.decode(data, limits, draft_size=size)
         height, width = array.shape[:2]
-        return Prepared(images.to_chw_float(array, size), (width, height))
+        tensor = images.to_chw_float(array, size)
+        if self.params.get("tritonq_normalize") == "imagenet":
+            tensor = (tensor - IMAGENET_MEAN) / IMAGENET_STD
+        return Prepared(tensor, (width, height))
 
     def postprocess(self, output: NDArray[Any], prepared: Prepared, fmt: str) -> Output:
         """Turn one output tensor (batch dimension removed) into the bytes written to GCS."""
@@ -151,6 +170,12 @@ class ModelSpec:
             if fmt not in images.ENCODERS:
                 raise PermanentJobError("invalid_format", f"{self.name} writes images: png, jpeg or webp, not {fmt}")
             return Output(images.encode(output, fmt), images.EXTENSIONS[fmt], images.CONTENT_TYPES[fmt], output.shape)
+        if self.kind == "encoded_image":
+            data = bytes(output.reshape(-1)[0])
+            found = next((name for magic, name in MAGIC if data.startswith(magic)), "")
+            if not found or (fmt and fmt != found):
+                raise PermanentJobError("invalid_format", f"{self.name} returns {found or 'unknown'}, not {fmt}")
+            return Output(data, images.EXTENSIONS[found], images.CONTENT_TYPES[found], output.shape)
         fmt = fmt or "json"
         if fmt not in ("json", "npy"):
             raise PermanentJobError("invalid_format", f"{self.name} writes json or npy, not {fmt}")

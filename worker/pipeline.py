@@ -40,6 +40,7 @@ from worker.errors import PermanentJobError, TransientError
 from worker.images import DecodeLimits
 from worker.jobs import GcsRef, Job, JobResult
 from worker.models import ModelSpec, Output
+from worker.results import ResultsPublisher
 from worker.storage import Storage, record_ref, result_ref
 from worker.triton import Catalog, TritonStream
 
@@ -50,6 +51,9 @@ SUCCEEDED = "succeeded"
 FAILED_PERMANENT = "failed_permanent"
 NACKED = "nacked"
 DUPLICATE = "duplicate"
+#: ``params.preprocess = "server"`` sends a job to this variant of its model (``enhance`` -> ``enhance_bytes``).
+SERVER_SIDE_SUFFIX = "_bytes"
+DEADLINE_EXCEEDED = PermanentJobError("deadline_exceeded", "the job's deadline passed before it was computed")
 
 
 @dataclass
@@ -96,8 +100,11 @@ class Pipeline:
         catalog: Catalog,
         storage: Storage,
         executor: ThreadPoolExecutor,
+        *,
+        results: ResultsPublisher | None = None,
     ) -> None:
         self._settings = settings
+        self._results = results
         self._stream = stream
         self._catalog = catalog
         self._storage = storage
@@ -155,18 +162,23 @@ class Pipeline:
             with structlog.contextvars.bound_contextvars(**context):
                 try:
                     message = jobs.decode_message(delivery.data, delivery.attributes)
-                    job = jobs.validate(message, self._rules)
-                    timer.model = job.model
+                    job = jobs.validate(message, self._rules, delivery.publish_time)
+                    timer.model = self._catalog.label(job.model)
                     structlog.contextvars.bind_contextvars(job_id=job.job_id, model=job.model)
                     return await self._once(job, delivery, lambda: self._run(job, delivery, timer))
+                except TransientError as error:
+                    if job is None or not job.expired(time.time()):
+                        return self._nack(delivery, job, "transient", str(error))
+                    # Retrying cannot help a job whose deadline passed while it failed.
+                    return await self._fail_permanently(
+                        delivery, message=message, job=job, version=version, error=DEADLINE_EXCEEDED, timer=timer
+                    )
                 except PermanentJobError as error:
                     if job is not None:
                         version = routing.choose_version(job.model, job.requested_version, job.job_id, self._routes)
                     return await self._fail_permanently(
                         delivery, message=message, job=job, version=version, error=error, timer=timer
                     )
-                except TransientError as error:
-                    return self._nack(delivery, job, "transient", str(error))
                 except asyncio.CancelledError:
                     self._nack(delivery, job, "cancelled", "worker stopping")
                     raise
@@ -198,9 +210,13 @@ class Pipeline:
 
     async def _run(self, job: Job, delivery: Delivery, timer: Timer) -> str:
         settings = self._settings
-        spec = await self._catalog.spec(job.model)
-        version = routing.choose_version(job.model, job.requested_version, job.job_id, self._routes)
-        await self._catalog.check_version(job.model, version)
+        model = job.model
+        if job.params.get("preprocess") == "server":
+            # The model's ensemble decodes and encodes inside Triton: the worker only moves bytes.
+            model = f"{job.model}{SERVER_SIDE_SUFFIX}"
+        spec = await self._catalog.spec(model)
+        version = routing.choose_version(model, job.requested_version, job.job_id, self._routes)
+        await self._catalog.check_version(model, version)
         structlog.contextvars.bind_contextvars(version=version or "default")
 
         def retried() -> None:
@@ -215,6 +231,8 @@ class Pipeline:
                 on_retry=retried,
             )
 
+        if job.expired(time.time()):
+            raise DEADLINE_EXCEEDED
         # A redelivery (or a dead letter's earlier attempt) may have finished already.
         if delivery.delivery_attempt is None or delivery.delivery_attempt > 1:
             existing = await retry(lambda: self._storage.read_json(record_ref(job.output, job.job_id)), "check")
@@ -231,7 +249,7 @@ class Pipeline:
         if traceparent := jobs.traceparent_of(delivery.attributes):
             parameters["traceparent"] = traceparent
         output_array, served = await timer.stage(
-            "infer", retry(lambda: self._infer(spec, version, prepared.array, parameters), "infer")
+            "infer", retry(lambda: self._infer(spec, version, job, prepared.array, parameters), "infer")
         )
         output = await timer.stage(
             "postprocess", self._in_thread(spec.postprocess, output_array, prepared, job.output_format)
@@ -259,11 +277,23 @@ class Pipeline:
         return await self._storage.read_input(job.input_ref, self._settings.max_input_bytes)
 
     async def _infer(
-        self, spec: ModelSpec, version: str, array: NDArray[Any], parameters: dict[str, str]
+        self, spec: ModelSpec, version: str, job: Job, array: NDArray[Any], parameters: dict[str, str]
     ) -> tuple[NDArray[Any], str]:
+        timeout_s = self._settings.infer_timeout_s
+        remaining = job.remaining_s(time.time())
+        if remaining is not None:
+            if remaining <= 0:
+                raise DEADLINE_EXCEEDED
+            # Triton drops the request from its queue once the job is worthless.
+            timeout_s = min(timeout_s, remaining)
         batch = array[np.newaxis] if spec.batched else array
         result = await self._stream.infer(
-            spec.name, version, [(spec.input.name, spec.input.wire_dtype, batch)], parameters=parameters
+            spec.name,
+            version,
+            [(spec.input.name, spec.input.wire_dtype, batch)],
+            parameters=parameters,
+            timeout_s=timeout_s,
+            priority=job.priority,
         )
         output = result.outputs[spec.output.name]
         return (output[0] if spec.batched else output), result.model_version
@@ -276,9 +306,16 @@ class Pipeline:
         )
         # The record cannot time its own write: it carries the result's.
         result.timings_ms["write"] = round((time.perf_counter() - start) * 1000, 3)
+        await self._publish_result(result)
         await self._storage.write_once(
             record_ref(job.output, job.job_id), jobs.result_json(result), "application/json", metadata
         )
+
+    async def _publish_result(self, result: JobResult) -> None:
+        # Before the record: a crash in between repeats the notice (at least once) rather than
+        # losing it, since a redelivery that finds the record acks without publishing again.
+        if self._results is not None:
+            await self._results.publish(result)
 
     async def _ack(self, delivery: Delivery) -> None:
         delivery.ack()
@@ -320,10 +357,16 @@ class Pipeline:
             result.model = message.model[:64]
         ref = jobs.record_location(message, self._rules, delivery.message_id)
         metadata = {"job_id": result.job_id, "error_code": error.code}
+
+        async def record() -> None:
+            if result.job_id:
+                await self._publish_result(result)
+            await self._storage.write_once(ref, jobs.result_json(result), "application/json", metadata)
+
         try:
             await asyncio.shield(
                 retrying(
-                    lambda: self._storage.write_once(ref, jobs.result_json(result), "application/json", metadata),
+                    record,
                     attempts=self._settings.retry_attempts,
                     base_s=self._settings.retry_base_s,
                     what="write_error_record",
@@ -333,14 +376,14 @@ class Pipeline:
         except TransientError as exc:
             return self._nack(delivery, job, "transient", f"error record not written: {exc}")
         delivery.ack()
-        telemetry.JOBS.labels(result.model or "unknown", version or "default", FAILED_PERMANENT).inc()
+        telemetry.JOBS.labels(self._catalog.label(result.model), version or "default", FAILED_PERMANENT).inc()
         telemetry.FAILURES.labels(error.code).inc()
         log.warning("job_failed", reason=error.code, error=error.message, record=ref.uri)
         return FAILED_PERMANENT
 
     def _nack(self, delivery: Delivery, job: Job | None, reason: str, error: str) -> str:
         delivery.nack()
-        telemetry.JOBS.labels(job.model if job else "unknown", "default", NACKED).inc()
+        telemetry.JOBS.labels(self._catalog.label(job.model) if job else "unknown", "default", NACKED).inc()
         telemetry.FAILURES.labels(reason).inc()
         log.warning("job_nacked", reason=reason, error=error)
         return NACKED

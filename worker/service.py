@@ -5,7 +5,8 @@ storage, pipeline workers, and last the consumer, so nothing is pulled before
 it can be processed. Stop order, one guarded method:
 
     stop pulling -> drain in-flight jobs within the grace period -> nack the unfinished
-    -> flush acks and close the subscriber -> close the Triton stream -> close storage -> HTTP server
+    -> flush acks and close the subscriber -> close the Triton stream -> flush the results
+    topic -> close storage -> HTTP server
 
 Signals are not handled here; ``cli.py`` turns SIGTERM into ``request_stop()``.
 """
@@ -24,6 +25,7 @@ from worker.consumer import Consumer, Delivery
 from worker.errors import TransientError
 from worker.images import configure_pillow
 from worker.pipeline import Pipeline
+from worker.results import ResultsPublisher
 from worker.server import HttpServer
 from worker.storage import Storage
 from worker.triton import Catalog, TritonControl, TritonStream
@@ -46,7 +48,8 @@ class Worker:
         self.catalog = Catalog(self.control)
         self.stream = TritonStream(settings.triton_url, request_timeout_s=settings.infer_timeout_s)
         self.storage = Storage()
-        self.pipeline = Pipeline(settings, self.stream, self.catalog, self.storage, self.executor)
+        self.results = ResultsPublisher(settings.results_topic_path) if settings.results_topic else None
+        self.pipeline = Pipeline(settings, self.stream, self.catalog, self.storage, self.executor, results=self.results)
         self.consumer = Consumer(
             settings.subscription_path,
             self.queue,
@@ -97,6 +100,8 @@ class Worker:
             await self._wait_for_triton()
             await self.stream.start()
             await self.storage.start()
+            if self.results is not None:
+                self.results.start()
             workers = asyncio.create_task(
                 self.pipeline.run_workers(self.queue, self.settings.max_in_flight), name="pipeline"
             )
@@ -165,6 +170,8 @@ class Worker:
         await self.consumer.wait_closed()
         # 5. Close the clients, then the probes.
         await self.stream.stop()
+        if self.results is not None:
+            await self.results.stop()
         await self.storage.close()
         await self.control.close()
         self.executor.shutdown(wait=False, cancel_futures=True)

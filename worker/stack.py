@@ -313,6 +313,7 @@ class Stack:
             "TRITONQ_OUTPUT_BUCKET": settings.output_bucket,
             "TRITONQ_TRITON_URL": self.triton.grpc_url,
             "TRITONQ_TRITON_METRICS_URL": self.triton.metrics_url,
+            **({"TRITONQ_RESULTS_TOPIC": settings.results_topic} if settings.results_topic else {}),
         }
 
     def write_env_file(self, settings: Settings, path: Path) -> None:
@@ -361,6 +362,14 @@ def provision_pubsub(settings: Settings, emulator_host: str | None = None) -> No
                     "retry_policy": {"minimum_backoff": {"seconds": 1}, "maximum_backoff": {"seconds": 60}},
                 }
             )
+        if settings.results_topic:
+            results = settings.results_topic_path
+            with contextlib.suppress(exceptions.AlreadyExists):
+                publisher.create_topic(name=results)
+            with contextlib.suppress(exceptions.AlreadyExists):
+                subscriber.create_subscription(
+                    name=subscriber.subscription_path(settings.project, f"{settings.results_topic}-sub"), topic=results
+                )
         subscriber.close()
 
 

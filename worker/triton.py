@@ -27,6 +27,7 @@ import contextlib
 import itertools
 import json
 import random
+import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -37,7 +38,7 @@ import structlog
 from numpy.typing import NDArray
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.grpc.aio import InferenceServerClient
-from tritonclient.utils import InferenceServerException
+from tritonclient.utils import InferenceServerException, deserialize_bytes_tensor
 
 from worker import telemetry
 from worker.errors import PermanentJobError, TransientError
@@ -100,11 +101,22 @@ def _classify(message: str) -> Exception:
     return TransientError(f"triton: {message}")
 
 
+NUMPY_DTYPES = {"UINT8": np.uint8, "FP32": np.float32, "INT32": np.int32, "FP16": np.float16, "INT64": np.int64}
+
+
 def _to_numpy(tensor: Any, raw: bytes) -> NDArray[Any]:
-    dtype = {"UINT8": np.uint8, "FP32": np.float32, "INT32": np.int32, "FP16": np.float16, "INT64": np.int64}[
-        tensor.datatype
-    ]
-    return np.frombuffer(raw, dtype=dtype).reshape(tuple(tensor.shape))
+    """A response tensor as an array; fixed-size types are zero-copy views of the message."""
+    if tensor.datatype == "BYTES":
+        items: NDArray[Any] = deserialize_bytes_tensor(raw)
+        return items.reshape(tuple(tensor.shape))
+    return np.frombuffer(raw, dtype=NUMPY_DTYPES[tensor.datatype]).reshape(tuple(tensor.shape))
+
+
+def _to_raw(dtype: str, array: NDArray[Any]) -> bytes:
+    if dtype == "BYTES":
+        # Triton's BYTES layout: each element as a 4-byte little-endian length, then its bytes.
+        return b"".join(struct.pack("<I", len(item)) + bytes(item) for item in array.flat)
+    return np.ascontiguousarray(array).tobytes()
 
 
 class TritonStream:
@@ -166,7 +178,7 @@ class TritonStream:
             tensor.name = name
             tensor.datatype = dtype
             tensor.shape.extend(array.shape)
-            request.raw_input_contents.append(np.ascontiguousarray(array).tobytes())
+            request.raw_input_contents.append(_to_raw(dtype, array))
         for key, value in (parameters or {}).items():
             request.parameters[key].string_param = value
         if priority:
@@ -316,6 +328,7 @@ class Catalog:
         self._specs: dict[str, ModelSpec] = {}
         self._ready: dict[str, frozenset[str]] = {}
         self._known: dict[str, str] = {}  # every model in the repository index, by state
+        self._unservable: set[str] = set()
         self._refreshed_at = -CATALOG_MIN_REFRESH_S
         self._lock = asyncio.Lock()
 
@@ -343,11 +356,13 @@ class Catalog:
                 if state == "READY":
                     ready.setdefault(name, set()).add(entry.get("version", ""))
             for name in ready:
-                if name not in self._specs:
+                if name not in self._specs and name not in self._unservable:
                     try:
                         self._specs[name] = await self._control.model_spec(name)
                     except ValueError as exc:
-                        log.error("model_not_servable", model=name, error=str(exc))
+                        # Ensemble steps and other helpers Triton serves but jobs may not name.
+                        self._unservable.add(name)
+                        log.info("model_not_servable", model=name, reason=str(exc))
             self._ready = {name: frozenset(v) for name, v in ready.items() if name in self._specs}
             self._known = known
             self._refreshed_at = loop.time()
@@ -361,6 +376,8 @@ class Catalog:
             await self._maybe_refresh()
         if model in self._ready:
             return self._specs[model]
+        if model in self._unservable:
+            raise PermanentJobError("unknown_model", f"model {model!r} takes no jobs (it has no tritonq_kind)")
         if model in self._known:
             raise TransientError(f"model {model} is {self._known[model] or 'not ready'} in triton")
         if model in self._specs:

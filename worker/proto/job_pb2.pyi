@@ -1,3 +1,6 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -8,7 +11,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ImageJob(_message.Message):
-    __slots__ = ("job_id", "model", "model_version", "input_uri", "input_bytes", "output_prefix", "params", "output_format")
+    __slots__ = ("job_id", "model", "model_version", "input_uri", "input_bytes", "output_prefix", "params", "output_format", "deadline", "timeout_s", "priority")
     class ParamsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -24,6 +27,9 @@ class ImageJob(_message.Message):
     OUTPUT_PREFIX_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     model: str
     model_version: str
@@ -32,7 +38,10 @@ class ImageJob(_message.Message):
     output_prefix: str
     params: _containers.ScalarMap[str, str]
     output_format: str
-    def __init__(self, job_id: _Optional[str] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., input_uri: _Optional[str] = ..., input_bytes: _Optional[bytes] = ..., output_prefix: _Optional[str] = ..., params: _Optional[_Mapping[str, str]] = ..., output_format: _Optional[str] = ...) -> None: ...
+    deadline: _timestamp_pb2.Timestamp
+    timeout_s: float
+    priority: str
+    def __init__(self, job_id: _Optional[str] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., input_uri: _Optional[str] = ..., input_bytes: _Optional[bytes] = ..., output_prefix: _Optional[str] = ..., params: _Optional[_Mapping[str, str]] = ..., output_format: _Optional[str] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., timeout_s: _Optional[float] = ..., priority: _Optional[str] = ...) -> None: ...
 
 class JobResult(_message.Message):
     __slots__ = ("job_id", "status", "model", "model_version", "output_uri", "error_code", "error_message", "timings_ms", "finished_at", "message_id", "delivery_attempt", "output_shape", "latency_ms", "traceparent")
