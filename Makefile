@@ -51,6 +51,10 @@ models-check: install
 	$(BIN)/python triton/scripts/render_repository.py --check
 	$(BIN)/python triton/scripts/export_models.py --check
 
+# The seed's smoke test against whatever the settings point at (compose, or GKE through a port-forward).
+smoke: install
+	$(BIN)/python scripts/smoke.py $(SMOKE_ARGS)
+
 # The README's settings table is generated from worker/config.py (a test fails when it is stale).
 settings-table: install
 	$(BIN)/python -c "import re, pathlib; from worker.config import settings_markdown; p = pathlib.Path('README.md'); \

@@ -71,10 +71,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return run_demo(args.jobs, args.state_dir)
     if args.command == "init":
-        from worker.stack import provision_pubsub
+        from worker.stack import create_bucket, provision_pubsub
 
         provision_pubsub(settings)
         print(f"created {settings.topic_path}, {settings.subscription_path} and its dead-letter topic")
+        emulator = os.environ.get("STORAGE_EMULATOR_HOST")
+        if emulator:
+            # Only an emulator starts empty; real buckets are created once, with their IAM (README).
+            for bucket in sorted({settings.input_bucket, settings.output_bucket}):
+                create_bucket(emulator, settings.project, bucket)
+            print(f"created buckets {settings.input_bucket} and {settings.output_bucket} on {emulator}")
         return 0
     print(json.dumps(settings.model_dump(), indent=2, default=list))
     return 0

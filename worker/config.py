@@ -9,7 +9,7 @@ validated once, at start, and frozen afterwards.
 from __future__ import annotations
 
 import os
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -56,6 +56,10 @@ class Settings(BaseSettings):
     triton_url: str = Field("localhost:8001", description="Triton gRPC endpoint, `host:port`.")
     triton_metrics_url: str = Field(
         "http://localhost:8002/metrics", description="Triton's Prometheus endpoint (used by `tritonq bench`)."
+    )
+    triton_mode: Literal["stream", "unary"] = Field(
+        "stream",
+        description="`stream`: long-lived gRPC streams, one per model and priority; `unary`: one call per request.",
     )
     infer_timeout_s: float = Field(60.0, gt=0, description="Deadline of one inference request, in seconds.")
     routes: str = Field(

@@ -180,7 +180,7 @@ class ModelSpec:
         if fmt not in ("json", "npy"):
             raise PermanentJobError("invalid_format", f"{self.name} writes json or npy, not {fmt}")
         if fmt == "npy":
-            return Output(to_npy(output), "npy", "application/octet-stream", output.shape)
+            return Output(to_npy(output), f"{self.kind}.npy", "application/octet-stream", output.shape)
         if self.kind == "embedding":
             document: dict[str, Any] = {
                 "embedding": [float(x) for x in output.reshape(-1)],
@@ -191,7 +191,8 @@ class ModelSpec:
         else:
             boxes = decode_detections(output, self.square_size, prepared.original_size)
             document = {"detections": boxes, "image_size": list(prepared.original_size)}
-        return Output(json.dumps(document).encode(), "json", "application/json", output.shape)
+        # "{job_id}.json" is the job's record: a JSON result is named by its kind beside it.
+        return Output(json.dumps(document).encode(), f"{self.kind}.json", "application/json", output.shape)
 
 
 def image_parameters(model: str, params: Mapping[str, str]) -> dict[str, str]:

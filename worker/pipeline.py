@@ -259,8 +259,14 @@ class Pipeline:
         result.output_uri = result_ref(job.output, job.job_id, output.extension).uri
         result.output_shape.extend(output.shape)
         # The write precedes the ack and must survive cancellation, or a durable result could go unrecorded.
-        await timer.stage("write", asyncio.shield(retry(lambda: self._write(job, served, output, result), "write")))
+        fresh = await timer.stage(
+            "write", asyncio.shield(retry(lambda: self._write(job, served, output, result), "write"))
+        )
         await timer.stage("ack", self._ack(delivery))
+        if not fresh:
+            log.info("job_already_done", version=served)
+            telemetry.JOBS.labels(job.model, served or "default", DUPLICATE).inc()
+            return DUPLICATE
         telemetry.JOBS.labels(job.model, served or "default", SUCCEEDED).inc()
         telemetry.JOB_LATENCY_SECONDS.labels(job.model).observe(max(0.0, time.time() - delivery.publish_time))
         if self._success_log.allow():
@@ -298,18 +304,21 @@ class Pipeline:
         output = result.outputs[spec.output.name]
         return (output[0] if spec.batched else output), result.model_version
 
-    async def _write(self, job: Job, version: str, output: Output, result: JobResult) -> None:
+    async def _write(self, job: Job, version: str, output: Output, result: JobResult) -> bool:
+        """Write the result, notify, write the record; ``False`` if an earlier run had finished the job."""
         metadata = {"job_id": job.job_id, "model": job.model, "model_version": version}
         start = time.perf_counter()
-        await self._storage.write_once(
+        created = await self._storage.write_once(
             result_ref(job.output, job.job_id, output.extension), output.data, output.content_type, metadata
         )
         # The record cannot time its own write: it carries the result's.
         result.timings_ms["write"] = round((time.perf_counter() - start) * 1000, 3)
+        record = record_ref(job.output, job.job_id)
+        if not created and await self._storage.read_json(record) is not None:
+            return False  # the same job, delivered again after it finished: nothing new to say
         await self._publish_result(result)
-        await self._storage.write_once(
-            record_ref(job.output, job.job_id), jobs.result_json(result), "application/json", metadata
-        )
+        await self._storage.write_once(record, jobs.result_json(result), "application/json", metadata)
+        return True
 
     async def _publish_result(self, result: JobResult) -> None:
         # Before the record: a crash in between repeats the notice (at least once) rather than

@@ -46,7 +46,9 @@ class Worker:
         self.executor = ThreadPoolExecutor(max_workers=settings.thread_count, thread_name_prefix="image")
         self.control = TritonControl(settings.triton_url)
         self.catalog = Catalog(self.control)
-        self.stream = TritonStream(settings.triton_url, request_timeout_s=settings.infer_timeout_s)
+        self.stream = TritonStream(
+            settings.triton_url, request_timeout_s=settings.infer_timeout_s, mode=settings.triton_mode
+        )
         self.storage = Storage()
         self.results = ResultsPublisher(settings.results_topic_path) if settings.results_topic else None
         self.pipeline = Pipeline(settings, self.stream, self.catalog, self.storage, self.executor, results=self.results)

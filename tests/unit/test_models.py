@@ -80,7 +80,10 @@ def test_embeddings_are_written_as_json_or_npy() -> None:
     assert prepared.array.shape == (3, 224, 224)
     assert prepared.original_size == (500, 300)
     vector = np.linspace(-1, 1, 512, dtype=np.float32)
-    document = json.loads(spec.postprocess(vector, prepared, "json").data)
+    written = spec.postprocess(vector, prepared, "json")
+    # Never "json" alone: "{job_id}.json" is the job's record.
+    assert written.extension == "embedding.json"
+    document = json.loads(written.data)
     assert document["dim"] == 512
     assert np.allclose(document["embedding"], vector)
     assert np.array_equal(np.load(io.BytesIO(spec.postprocess(vector, prepared, "npy").data)), vector)

@@ -270,6 +270,8 @@ def config_dict(m: Model, profile: Profile) -> dict[str, Any]:
                 for s in m.ensemble_steps
             ]
         }
+        if m.kind in WORKER_KINDS:
+            cfg["parameters"] = [{"key": "tritonq_kind", "value": {"string_value": WORKER_KINDS[m.kind]}}]
         return cfg
     if m.batching is not None:
         b = m.batching
