@@ -47,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stack.add_argument("--state-dir", type=Path, default=STATE_DIR)
 
     demo = commands.add_parser("demo", help="start the stack and a worker, run sample jobs, print a table")
-    demo.add_argument("--jobs", type=int, default=12)
+    demo.add_argument("--jobs", type=int, default=16)
     demo.add_argument("--state-dir", type=Path, default=STATE_DIR / "demo")
 
     commands.add_parser("init", help="create the topic, subscription, dead-letter topic (idempotent)")

@@ -32,7 +32,11 @@ DEMO_MODELS: tuple[tuple[str, dict[str, str]], ...] = (
     ("style_comic", {}),
     ("style_aged", {}),
     ("embedding", {}),
+    ("resnet50", {}),
+    ("pcb_detector", {}),
 )
+#: The demo shows an A/B split: enhance v1 in production, v2 as a 10% candidate.
+DEMO_ROUTES = "enhance=1:90,2:10"
 WORKER_READY_TIMEOUT_S = 120.0
 
 
@@ -79,15 +83,22 @@ def run_demo(count: int, state_dir: Path) -> int:
 
     state_dir = state_dir.resolve()
     stack = Stack(state_dir=state_dir)
-    settings = Settings(http_port=free_port(), log_format="json")
     worker = None
     try:
         stack.start(progress=lambda text: print(f"demo: {text}", flush=True))
+        settings = Settings(
+            http_port=free_port(),
+            log_format="json",
+            triton_url=stack.triton.grpc_url,
+            triton_metrics_url=stack.triton.metrics_url,
+            routes=DEMO_ROUTES,
+        )
         stack.provision(settings)
         env = {
             **stack.environment(settings),
             "TRITONQ_HTTP_PORT": str(settings.http_port),
             "TRITONQ_LOG_FORMAT": "json",
+            "TRITONQ_ROUTES": DEMO_ROUTES,
         }
         worker = spawn_worker(env, state_dir / "logs" / "worker.log")
         _wait_ready(f"http://127.0.0.1:{settings.http_port}/readyz", WORKER_READY_TIMEOUT_S)
