@@ -22,6 +22,7 @@ from google.protobuf import json_format
 
 from worker import telemetry
 from worker.config import Settings, settings_markdown
+from worker.jobs import ImageJob, JobResult
 
 STATE_DIR = Path(".tritonq")
 
@@ -33,7 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands.add_parser("run", help="run the worker (configured from TRITONQ_* variables)")
 
     publish = commands.add_parser("publish", help="publish a job for a local image, a gs:// URI or inline bytes")
-    publish.add_argument("source", help="a local image file, or gs://bucket/object")
+    publish.add_argument("source", help="an image file, a directory of images, a quoted glob, or gs://bucket/object")
     publish.add_argument("--model", required=True)
     publish.add_argument("--version", default="")
     publish.add_argument("--param", action="append", default=[], metavar="K=V")
@@ -42,6 +43,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     publish.add_argument("--job-id", default="")
     publish.add_argument("--wait", action="store_true", help="wait for the result record and print it")
     publish.add_argument("--timeout", type=float, default=300.0, help="seconds --wait waits")
+    publish.add_argument("--priority", default="", choices=["", "high", "normal", "low"])
+    publish.add_argument("--timeout-s", type=float, default=0.0, help="the job's own deadline, from publish time")
 
     stack = commands.add_parser("stack", help="run the real local stack (Pub/Sub, GCS, Triton) until interrupted")
     stack.add_argument("--state-dir", type=Path, default=STATE_DIR)
@@ -115,35 +118,96 @@ def _parse_params(pairs: Sequence[str]) -> dict[str, str]:
     return params
 
 
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
+
+
+def expand_sources(source: str) -> list[str]:
+    """A gs:// URI, a file, every image in a directory, or every match of a glob."""
+    if source.startswith("gs://"):
+        return [source]
+    path = Path(source)
+    if path.is_dir():
+        return sorted(str(p) for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if any(char in source for char in "*?["):
+        return sorted(str(p) for p in Path().glob(source) if p.is_file())
+    return [source]
+
+
 async def _publish(settings: Settings, args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
     from worker.client import JobClient, build_job, new_job_id
 
+    sources = expand_sources(args.source)
+    if not sources:
+        print(f"no images match {args.source}", file=sys.stderr)
+        return 2
     options = {
         "version": args.version,
         "params": _parse_params(args.param),
         "output_format": args.format,
+        "priority": args.priority,
+        "timeout_s": args.timeout_s,
     }
-    job_id = args.job_id or new_job_id()
+    many = len(sources) > 1
     async with JobClient(settings) as client:
-        if args.source.startswith("gs://"):
-            job = build_job(args.model, input_uri=args.source, job_id=job_id, **options)
-        elif args.inline:
-            job = build_job(
-                args.model, input_bytes=await asyncio.to_thread(Path(args.source).read_bytes), job_id=job_id, **options
+
+        async def one(source: str) -> ImageJob:
+            job_id = args.job_id if args.job_id and not many else new_job_id()
+            if source.startswith("gs://"):
+                return build_job(args.model, input_uri=source, job_id=job_id, **options)
+            if args.inline:
+                data = await asyncio.to_thread(Path(source).read_bytes)
+                return build_job(args.model, input_bytes=data, job_id=job_id, **options)
+            return await client.job_for_file(Path(source), args.model, job_id=job_id, **options)
+
+        with tqdm(total=len(sources), desc="publish", unit="job", disable=not many) as bar:
+
+            async def publish(source: str) -> ImageJob:
+                job = await one(source)
+                message_id = await client.publish(job)
+                bar.update(1)
+                if not many:
+                    print(f"published job {job.job_id} as message {message_id}")
+                return job
+
+            jobs = list(await asyncio.gather(*(publish(source) for source in sources)))
+        for job in jobs if not many else jobs[:1]:
+            output = client.output_of(job)
+            print(
+                f"result record: gs://{output.bucket}/{output.name}/{job.job_id}.json"
+                + (" (and the rest beside it)" if many else "")
             )
-        else:
-            job = await client.job_for_file(Path(args.source), args.model, job_id=job_id, **options)
-        message_id = await client.publish(job)
-        output = client.output_of(job)
-        print(f"published job {job.job_id} as message {message_id}")
-        print(f"result record: gs://{output.bucket}/{output.name}/{job.job_id}.json")
         if not args.wait:
             return 0
         started = time.monotonic()
-        result = await client.wait(job, timeout_s=args.timeout)
-        print(json_format.MessageToJson(result, preserving_proto_field_name=True))
-        print(f"waited {time.monotonic() - started:.2f} s")
-        return 0 if result.status == result.SUCCEEDED else 1
+        results: list[JobResult] = []
+        with tqdm(total=len(jobs), desc="results", unit="job", disable=not many) as bar:
+
+            async def wait(job: ImageJob) -> JobResult:
+                result = await client.wait(job, timeout_s=args.timeout)
+                bar.update(1)
+                return result
+
+            results = list(await asyncio.gather(*(wait(job) for job in jobs)))
+        if not many:
+            print(json_format.MessageToJson(results[0], preserving_proto_field_name=True))
+        print(summary(results, time.monotonic() - started))
+        return 0 if all(r.status == JobResult.SUCCEEDED for r in results) else 1
+
+
+def summary(results: Sequence[JobResult], waited_s: float) -> str:
+    """One line: how many succeeded and failed, and the publish-to-result latency percentiles."""
+    succeeded = sum(1 for r in results if r.status == JobResult.SUCCEEDED)
+    latencies = sorted(r.latency_ms for r in results)
+
+    def pct(q: float) -> float:
+        return latencies[min(len(latencies) - 1, int(q * len(latencies)))] if latencies else 0.0
+
+    return (
+        f"{succeeded} succeeded, {len(results) - succeeded} failed in {waited_s:.2f} s; "
+        f"latency p50 {pct(0.50):.0f} ms, p95 {pct(0.95):.0f} ms"
+    )
 
 
 def _run_stack(settings: Settings, state_dir: Path) -> int:

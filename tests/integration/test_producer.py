@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import time
 import uuid
 from collections import Counter
@@ -122,3 +124,23 @@ async def test_priority_reaches_tritons_scheduler(stack: Stack) -> None:
         await stream.stop()
     # Without priorities it would finish last; with them it joins the next batch that forms.
     assert finished.index("high") < len(lows) // 2, finished
+
+
+async def test_publish_a_directory_with_the_cli_and_wait(
+    stack: Stack, make_settings: Callable[..., Settings], worker_for: Any, tmp_path: Any
+) -> None:
+    settings = make_settings()
+    for i in range(5):
+        (tmp_path / f"photo-{i}.jpg").write_bytes(sample_image(40, 30, seed=i))
+    (tmp_path / "notes.txt").write_text("not an image, and not picked up")
+    env = {**os.environ, **stack.environment(settings)}
+    async with worker_for(settings):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "worker.cli", "publish", str(tmp_path), "--model", "enhance", "--wait",
+            env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        output, _ = await asyncio.wait_for(proc.communicate(), 120)
+    text = output.decode()
+    assert proc.returncode == 0, text
+    assert "5 succeeded, 0 failed" in text
+    assert "latency p50" in text
