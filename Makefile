@@ -35,11 +35,13 @@ lint: install
 # Generated code is reproducible from protos/job.proto; proto-check fails when it is stale.
 proto: install
 	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=worker/proto --pyi_out=worker/proto protos/job.proto
+	cp protos/job.proto worker/proto/job.proto
 
 proto-check: install
 	@tmp=$$(mktemp -d); \
 	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=$$tmp --pyi_out=$$tmp protos/job.proto && \
 	diff -q $$tmp/job_pb2.py worker/proto/job_pb2.py && diff -q $$tmp/job_pb2.pyi worker/proto/job_pb2.pyi \
+	  && diff -q protos/job.proto worker/proto/job.proto \
 	  || { echo "worker/proto is stale: run 'make proto'"; exit 1; }; rm -rf $$tmp
 
 # cpu: re-renders triton/model_repository in place and exports its ONNX files;

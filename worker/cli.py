@@ -54,6 +54,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--state-dir", type=Path, default=STATE_DIR / "demo")
 
     commands.add_parser("init", help="create the topic, subscription, dead-letter topic (idempotent)")
+    schema = commands.add_parser("schema", help="the jobs topic's Pub/Sub schema (ImageJob, JSON encoding)")
+    schema.add_argument("action", choices=["show", "apply", "gcloud"], help="print it, apply it, or print gcloud lines")
     settings_cmd = commands.add_parser("settings", help="print the settings in effect")
     settings_cmd.add_argument("--markdown", action="store_true", help="print the README's settings table")
 
@@ -84,6 +86,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             for bucket in sorted({settings.input_bucket, settings.output_bucket}):
                 create_bucket(emulator, settings.project, bucket)
             print(f"created buckets {settings.input_bucket} and {settings.output_bucket} on {emulator}")
+        return 0
+    if args.command == "schema":
+        from worker import schema as topic_schema
+
+        if args.action == "show":
+            sys.stdout.write(topic_schema.definition())
+        elif args.action == "gcloud":
+            print("\n".join(topic_schema.gcloud_commands(settings.project, settings.topic)))
+        else:
+            print(f"applied {topic_schema.apply(settings.project, settings.topic)} to {settings.topic_path}")
         return 0
     print(json.dumps(settings.model_dump(), indent=2, default=list))
     return 0

@@ -66,7 +66,9 @@ def build_job(
         timeout_s=timeout_s,
     )
     if deadline is not None:
-        job.deadline.FromDatetime(deadline)
+        if deadline.tzinfo is None:
+            raise ValueError("deadline needs a time zone, e.g. datetime.now(UTC) + timedelta(seconds=30)")
+        job.deadline = deadline.isoformat()
     if input_uri:
         job.input_uri = input_uri
     else:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError
@@ -108,6 +109,17 @@ def decode_message(data: bytes, attributes: Mapping[str, str]) -> ImageJob:
     return job
 
 
+def parse_deadline(text: str) -> float:
+    """An RFC 3339 time (``Z`` or an offset required) as seconds since the epoch."""
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise PermanentJobError("invalid_deadline", f"deadline {text!r} is not an RFC 3339 time") from exc
+    if moment.tzinfo is None:
+        raise PermanentJobError("invalid_deadline", f"deadline {text!r} has no time zone")
+    return moment.timestamp()
+
+
 def traceparent_of(attributes: Mapping[str, str]) -> str:
     """The message's W3C ``traceparent`` attribute if well-formed, else ``""``."""
     value = attributes.get("traceparent", "").strip().lower()
@@ -198,8 +210,8 @@ def validate(message: ImageJob, rules: JobRules, publish_time: float = 0.0) -> J
     if priority and priority not in PRIORITIES:
         raise PermanentJobError("invalid_priority", f"priority {message.priority!r} is not one of {sorted(PRIORITIES)}")
     deadlines = []
-    if message.HasField("deadline"):
-        deadlines.append(message.deadline.seconds + message.deadline.nanos / 1e9)
+    if message.deadline:
+        deadlines.append(parse_deadline(message.deadline))
     if message.timeout_s < 0:
         raise PermanentJobError("invalid_deadline", "timeout_s must not be negative")
     if message.timeout_s > 0:

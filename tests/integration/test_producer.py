@@ -101,7 +101,7 @@ async def test_an_expired_job_is_recorded_without_reaching_triton(
 def _past() -> Any:
     from datetime import UTC, datetime, timedelta
 
-    return datetime.now(UTC).replace(tzinfo=None) - timedelta(seconds=5)
+    return datetime.now(UTC) - timedelta(seconds=5)
 
 
 async def test_priority_reaches_tritons_scheduler(stack: Stack) -> None:

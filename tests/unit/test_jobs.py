@@ -111,3 +111,32 @@ def test_error_records_go_beside_the_result_or_under_invalid() -> None:
     bad_id = ImageJob(job_id="../j1")
     assert jobs.record_location(bad_id, RULES, "m1") == GcsRef("results", "out/_invalid/m1.json")
     assert jobs.record_location(None, RULES, "m2") == GcsRef("results", "out/_invalid/m2.json")
+
+
+def test_deadlines_and_priorities() -> None:
+    job = jobs.validate(
+        ImageJob(job_id="j", model="m", input_uri="gs://inputs/a", deadline="2030-01-01T00:00:00Z", priority="HIGH"),
+        RULES,
+    )
+    assert job.deadline == 1893456000.0
+    assert job.priority == 1
+    relative = jobs.validate(ImageJob(job_id="j", model="m", input_uri="gs://inputs/a", timeout_s=30), RULES, 1000.0)
+    assert relative.deadline == 1030.0
+    assert relative.expired(1030.0)
+    assert not relative.expired(1029.9)
+    assert relative.priority == 0  # the model's default level
+    assert (
+        code_of(ImageJob(job_id="j", model="m", input_uri="gs://inputs/a", deadline="tomorrow")) == "invalid_deadline"
+    )
+    assert (
+        code_of(ImageJob(job_id="j", model="m", input_uri="gs://inputs/a", deadline="2030-01-01T00:00"))
+        == "invalid_deadline"
+    )
+    assert code_of(ImageJob(job_id="j", model="m", input_uri="gs://inputs/a", priority="urgent")) == "invalid_priority"
+
+
+def test_trace_context_is_taken_only_when_well_formed() -> None:
+    good = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    assert jobs.traceparent_of({"traceparent": good}) == good
+    assert jobs.traceparent_of({"traceparent": "00-xyz"}) == ""
+    assert jobs.traceparent_of({}) == ""

@@ -22,10 +22,9 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
-from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\tjob.proto\x12\ntritonq.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd7\x02\n\x08ImageJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x13\n\tinput_uri\x18\x04 \x01(\tH\x00\x12\x15\n\x0binput_bytes\x18\x05 \x01(\x0cH\x00\x12\x15\n\routput_prefix\x18\x06 \x01(\t\x12\x30\n\x06params\x18\x07 \x03(\x0b\x32 .tritonq.v1.ImageJob.ParamsEntry\x12\x15\n\routput_format\x18\x08 \x01(\t\x12,\n\x08\x64\x65\x61\x64line\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\ttimeout_s\x18\n \x01(\x01\x12\x10\n\x08priority\x18\x0b \x01(\t\x1a-\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x07\n\x05input\"\xd9\x03\n\tJobResult\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12,\n\x06status\x18\x02 \x01(\x0e\x32\x1c.tritonq.v1.JobResult.Status\x12\r\n\x05model\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\x12\n\noutput_uri\x18\x05 \x01(\t\x12\x12\n\nerror_code\x18\x06 \x01(\t\x12\x15\n\rerror_message\x18\x07 \x01(\t\x12\x38\n\ntimings_ms\x18\x08 \x03(\x0b\x32$.tritonq.v1.JobResult.TimingsMsEntry\x12\x13\n\x0b\x66inished_at\x18\t \x01(\t\x12\x12\n\nmessage_id\x18\n \x01(\t\x12\x18\n\x10\x64\x65livery_attempt\x18\x0b \x01(\x05\x12\x14\n\x0coutput_shape\x18\x0c \x03(\x03\x12\x12\n\nlatency_ms\x18\r \x01(\x01\x12\x13\n\x0btraceparent\x18\x0e \x01(\t\x1a\x30\n\x0eTimingsMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\";\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\r\n\tSUCCEEDED\x10\x01\x12\n\n\x06\x46\x41ILED\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\tjob.proto\x12\ntritonq.v1\"\xbb\x02\n\x08ImageJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x13\n\tinput_uri\x18\x04 \x01(\tH\x00\x12\x15\n\x0binput_bytes\x18\x05 \x01(\x0cH\x00\x12\x15\n\routput_prefix\x18\x06 \x01(\t\x12\x30\n\x06params\x18\x07 \x03(\x0b\x32 .tritonq.v1.ImageJob.ParamsEntry\x12\x15\n\routput_format\x18\x08 \x01(\t\x12\x10\n\x08\x64\x65\x61\x64line\x18\t \x01(\t\x12\x11\n\ttimeout_s\x18\n \x01(\x01\x12\x10\n\x08priority\x18\x0b \x01(\t\x1a-\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x07\n\x05input\"\xd9\x03\n\tJobResult\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12,\n\x06status\x18\x02 \x01(\x0e\x32\x1c.tritonq.v1.JobResult.Status\x12\r\n\x05model\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\x12\n\noutput_uri\x18\x05 \x01(\t\x12\x12\n\nerror_code\x18\x06 \x01(\t\x12\x15\n\rerror_message\x18\x07 \x01(\t\x12\x38\n\ntimings_ms\x18\x08 \x03(\x0b\x32$.tritonq.v1.JobResult.TimingsMsEntry\x12\x13\n\x0b\x66inished_at\x18\t \x01(\t\x12\x12\n\nmessage_id\x18\n \x01(\t\x12\x18\n\x10\x64\x65livery_attempt\x18\x0b \x01(\x05\x12\x14\n\x0coutput_shape\x18\x0c \x03(\x03\x12\x12\n\nlatency_ms\x18\r \x01(\x01\x12\x13\n\x0btraceparent\x18\x0e \x01(\t\x1a\x30\n\x0eTimingsMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\";\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\r\n\tSUCCEEDED\x10\x01\x12\n\n\x06\x46\x41ILED\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,14 +35,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_IMAGEJOB_PARAMSENTRY']._serialized_options = b'8\001'
   _globals['_JOBRESULT_TIMINGSMSENTRY']._loaded_options = None
   _globals['_JOBRESULT_TIMINGSMSENTRY']._serialized_options = b'8\001'
-  _globals['_IMAGEJOB']._serialized_start=59
-  _globals['_IMAGEJOB']._serialized_end=402
-  _globals['_IMAGEJOB_PARAMSENTRY']._serialized_start=348
-  _globals['_IMAGEJOB_PARAMSENTRY']._serialized_end=393
-  _globals['_JOBRESULT']._serialized_start=405
-  _globals['_JOBRESULT']._serialized_end=878
-  _globals['_JOBRESULT_TIMINGSMSENTRY']._serialized_start=769
-  _globals['_JOBRESULT_TIMINGSMSENTRY']._serialized_end=817
-  _globals['_JOBRESULT_STATUS']._serialized_start=819
-  _globals['_JOBRESULT_STATUS']._serialized_end=878
+  _globals['_IMAGEJOB']._serialized_start=26
+  _globals['_IMAGEJOB']._serialized_end=341
+  _globals['_IMAGEJOB_PARAMSENTRY']._serialized_start=287
+  _globals['_IMAGEJOB_PARAMSENTRY']._serialized_end=332
+  _globals['_JOBRESULT']._serialized_start=344
+  _globals['_JOBRESULT']._serialized_end=817
+  _globals['_JOBRESULT_TIMINGSMSENTRY']._serialized_start=708
+  _globals['_JOBRESULT_TIMINGSMSENTRY']._serialized_end=756
+  _globals['_JOBRESULT_STATUS']._serialized_start=758
+  _globals['_JOBRESULT_STATUS']._serialized_end=817
 # @@protoc_insertion_point(module_scope)

@@ -1,6 +1,3 @@
-import datetime
-
-from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -38,10 +35,10 @@ class ImageJob(_message.Message):
     output_prefix: str
     params: _containers.ScalarMap[str, str]
     output_format: str
-    deadline: _timestamp_pb2.Timestamp
+    deadline: str
     timeout_s: float
     priority: str
-    def __init__(self, job_id: _Optional[str] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., input_uri: _Optional[str] = ..., input_bytes: _Optional[bytes] = ..., output_prefix: _Optional[str] = ..., params: _Optional[_Mapping[str, str]] = ..., output_format: _Optional[str] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., timeout_s: _Optional[float] = ..., priority: _Optional[str] = ...) -> None: ...
+    def __init__(self, job_id: _Optional[str] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., input_uri: _Optional[str] = ..., input_bytes: _Optional[bytes] = ..., output_prefix: _Optional[str] = ..., params: _Optional[_Mapping[str, str]] = ..., output_format: _Optional[str] = ..., deadline: _Optional[str] = ..., timeout_s: _Optional[float] = ..., priority: _Optional[str] = ...) -> None: ...
 
 class JobResult(_message.Message):
     __slots__ = ("job_id", "status", "model", "model_version", "output_uri", "error_code", "error_message", "timings_ms", "finished_at", "message_id", "delivery_attempt", "output_shape", "latency_ms", "traceparent")
