@@ -15,6 +15,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 CsvList = Annotated[tuple[str, ...], NoDecode]
+CsvInts = Annotated[tuple[int, ...], NoDecode]
 
 
 def _split_csv(value: object) -> object:
@@ -75,6 +76,11 @@ class Settings(BaseSettings):
         600.0, gt=0, description="Longest a message's lease is extended while its job runs, in seconds."
     )
     max_in_flight: int = Field(64, ge=1, description="Jobs processed concurrently by the pipeline.")
+    shape_buckets_px: CsvInts = Field(
+        (256, 384, 512, 768, 1024, 1536, 2048),
+        description="Image sides are padded up to one of these (comma-separated, px), so images of many sizes "
+        "share Triton batches; outputs are cropped back. Empty disables padding.",
+    )
     preprocess_threads: int = Field(0, ge=0, description="Threads for image decode/encode; 0 means one per CPU core.")
 
     # Retries and shutdown.
@@ -105,7 +111,16 @@ class Settings(BaseSettings):
         1.0, ge=0, description="Most `job_succeeded` lines logged per second; failures are always logged."
     )
 
-    _split_lists = field_validator("allowed_input_buckets", "allowed_output_buckets", mode="before")(_split_csv)
+    _split_lists = field_validator(
+        "allowed_input_buckets", "allowed_output_buckets", "shape_buckets_px", mode="before"
+    )(_split_csv)
+
+    @field_validator("shape_buckets_px")
+    @classmethod
+    def _ascending(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if any(b <= 0 for b in value) or list(value) != sorted(set(value)):
+            raise ValueError("shape_buckets_px must be ascending positive sizes")
+        return value
 
     @field_validator("log_format")
     @classmethod
@@ -158,6 +173,6 @@ def settings_markdown() -> str:
     for name, field in Settings.model_fields.items():
         default = field.default
         if isinstance(default, tuple):
-            default = ",".join(default)
+            default = ",".join(str(item) for item in default)
         lines.append(f"| `TRITONQ_{name.upper()}` | `{default}` | {field.description} |")
     return "\n".join(lines) + "\n"

@@ -115,6 +115,41 @@ def to_chw_float(image: NDArray[Any], size: tuple[int, int]) -> NDArray[Any]:
     return np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32) * np.float32(1.0 / 255.0)
 
 
+def bucket_size(size: int, buckets: tuple[int, ...]) -> int:
+    """The smallest bucket that holds ``size``; past the largest, the next multiple of it."""
+    for bucket in buckets:
+        if size <= bucket:
+            return bucket
+    largest = buckets[-1]
+    return -(-size // largest) * largest
+
+
+def pad_to_bucket(image: NDArray[Any], buckets: tuple[int, ...]) -> NDArray[Any]:
+    """Pad an ``[H, W, C]`` image at the bottom and right, repeating its edge, to a bucket shape.
+
+    Triton batches only requests of one shape: a few bucket shapes let images
+    of many sizes share batches. Repeating the edge (rather than black) keeps
+    border statistics, which models such as background removal read, intact.
+    """
+    height, width = image.shape[:2]
+    target = (bucket_size(height, buckets), bucket_size(width, buckets))
+    if target == (height, width):
+        return image
+    return np.pad(image, ((0, target[0] - height), (0, target[1] - width), (0, 0)), mode="edge")
+
+
+def crop_output(output: NDArray[Any], original: tuple[int, int], padded: tuple[int, int]) -> NDArray[Any]:
+    """Crop a model's output for a padded input back to the original's extent (any scale factor).
+
+    ``original`` and ``padded`` are (height, width) of the input before and after padding.
+    """
+    if original == padded:
+        return output
+    scale_y = output.shape[0] / padded[0]
+    scale_x = output.shape[1] / padded[1]
+    return output[: round(original[0] * scale_y), : round(original[1] * scale_x)]
+
+
 def encode(array: NDArray[Any], fmt: str) -> bytes:
     """Encode an ``[H, W, 3|4]`` uint8 array; RGBA needs a format with alpha (png, webp)."""
     if fmt not in ENCODERS:

@@ -144,11 +144,19 @@ class ModelSpec:
             return "png" if channels == 4 else "jpeg"
         return "json"
 
-    def preprocess(self, data: bytes, limits: images.DecodeLimits, params: Mapping[str, str]) -> Prepared:
-        """Decode and lay out one job's input (pure, CPU-bound: run in a thread)."""
+    def preprocess(
+        self, data: bytes, limits: images.DecodeLimits, params: Mapping[str, str], buckets: tuple[int, ...] = ()
+    ) -> Prepared:
+        """Decode and lay out one job's input (pure, CPU-bound: run in a thread).
+
+        Image models get their input padded to one of ``buckets`` (empty: no padding) unless their
+        config sets ``tritonq_shape_buckets: "off"``; ``postprocess`` crops the output back.
+        """
         if self.kind == "image":
             array = images.decode(data, limits)
             height, width = array.shape[:2]
+            if buckets and self.params.get("tritonq_shape_buckets") != "off":
+                array = images.pad_to_bucket(array, buckets)
             return Prepared(array, (width, height), image_parameters(self.name, params))
         if self.kind == "encoded_image":
             # Triton decodes; the worker only checks the header against the same limits.
@@ -166,6 +174,9 @@ class ModelSpec:
     def postprocess(self, output: NDArray[Any], prepared: Prepared, fmt: str) -> Output:
         """Turn one output tensor (batch dimension removed) into the bytes written to GCS."""
         if self.kind == "image":
+            width, height = prepared.original_size
+            padded = (prepared.array.shape[0], prepared.array.shape[1])
+            output = images.crop_output(output, (height, width), padded)
             fmt = fmt or self.default_format(output.shape[-1])
             if fmt not in images.ENCODERS:
                 raise PermanentJobError("invalid_format", f"{self.name} writes images: png, jpeg or webp, not {fmt}")

@@ -243,7 +243,10 @@ class Pipeline:
                 return DUPLICATE
 
         data = await timer.stage("fetch", retry(lambda: self._fetch(job), "fetch"))
-        prepared = await timer.stage("preprocess", self._in_thread(spec.preprocess, data, self._limits, job.params))
+        prepared = await timer.stage(
+            "preprocess",
+            self._in_thread(spec.preprocess, data, self._limits, job.params, self._settings.shape_buckets_px),
+        )
         del data
         parameters = dict(prepared.parameters)
         if traceparent := jobs.traceparent_of(delivery.attributes):

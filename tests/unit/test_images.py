@@ -98,3 +98,23 @@ def test_alpha_needs_a_format_that_carries_it() -> None:
         assert image.mode == "RGBA"
     with pytest.raises(PermanentJobError):
         images.encode(rgba, "jpeg")
+
+
+def test_bucketing_pads_to_few_shapes_and_crops_back() -> None:
+    buckets = (256, 512, 1024)
+    assert [images.bucket_size(s, buckets) for s in (1, 256, 257, 1024, 1025, 2500)] == [
+        256,
+        256,
+        512,
+        1024,
+        2048,
+        3072,
+    ]
+    image = np.arange(300 * 200 * 3, dtype=np.uint32).reshape(300, 200, 3).astype(np.uint8)
+    padded = images.pad_to_bucket(image, buckets)
+    assert padded.shape == (512, 256, 3)
+    assert np.array_equal(padded[:300, :200], image)
+    assert np.array_equal(padded[400, 100], image[-1, 100])  # the edge repeats, not black
+    doubled = np.repeat(np.repeat(padded, 2, axis=0), 2, axis=1)  # a 2x upscale of the padded input
+    assert images.crop_output(doubled, (300, 200), (512, 256)).shape == (600, 400, 3)
+    assert images.pad_to_bucket(padded, buckets) is padded

@@ -109,3 +109,13 @@ def test_detections_are_thresholded_scaled_and_suppressed() -> None:
 def test_nms_keeps_disjoint_boxes() -> None:
     boxes = np.array([[0, 0, 10, 10], [20, 20, 30, 30]], np.float32)
     assert nms(boxes, np.array([0.5, 0.9]), np.array([0, 0]), 0.5) == [1, 0]
+
+
+def test_image_inputs_are_padded_to_a_bucket_and_outputs_cropped_back() -> None:
+    spec = ModelSpec.from_triton_config(IMAGE)
+    prepared = spec.preprocess(sample_image(300, 200), LIMITS, {}, buckets=(256, 512))
+    assert prepared.array.shape == (256, 512, 3)
+    with Image.open(io.BytesIO(spec.postprocess(prepared.array, prepared, "png").data)) as image:
+        assert image.size == (300, 200)
+    opted_out = ModelSpec.from_triton_config(dict(IMAGE, parameters={"tritonq_shape_buckets": {"string_value": "off"}}))
+    assert opted_out.preprocess(sample_image(300, 200), LIMITS, {}, buckets=(256, 512)).array.shape == (200, 300, 3)
