@@ -62,6 +62,14 @@ class Settings(BaseSettings):
         "stream",
         description="`stream`: long-lived gRPC streams, one per model and priority; `unary`: one call per request.",
     )
+    shared_memory: Literal["auto", "off"] = Field(
+        "auto",
+        description="`auto`: pass tensors through system shared memory when Triton can map the worker's regions "
+        "(same pod or host, shared `/dev/shm`), else in the gRPC messages; `off`: always in the messages.",
+    )
+    shared_memory_max_bytes: int = Field(
+        256 * 1024 * 1024, ge=0, description="Most bytes of shared-memory regions the worker keeps registered."
+    )
     infer_timeout_s: float = Field(60.0, gt=0, description="Deadline of one inference request, in seconds.")
     routes: str = Field(
         "",

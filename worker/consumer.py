@@ -9,6 +9,19 @@ shutdown ordered: stopping the pull future stops pulling at once, waits for
 held callbacks (our in-flight jobs), nacks what was never handed out, and
 flushes acks and nacks before the client closes.
 
+Nacks are paced. A message the pipeline nacks while the worker runs keeps
+its lease and its flow-control slot for a backoff that doubles with its
+delivery attempt (``NACK_HOLD_BASE_S`` .. ``NACK_HOLD_MAX_S``) before it is
+handed back. Transient failures are mostly outages (storage or Triton down for
+seconds), and each redelivery spends one of the subscription's
+``max_delivery_attempts``: handed back at once, a message burns its five
+attempts in the first seconds of a 10 s outage and is dead-lettered although
+nothing is wrong with it (the chaos scenario ``storage_outage`` showed it).
+Held slots also stop the pull, so an outage is backpressure, not churn.
+Pub/Sub's retry policy would space redeliveries server-side, but its backoff
+starts at a second and the emulator ignores it. Once stopping, nacks go out at
+once: shutdown must not wait on a backoff.
+
 The consumer never decides a message's fate; ``pipeline.py`` does, through
 ``Delivery.ack`` / ``Delivery.nack``.
 """
@@ -31,6 +44,21 @@ from worker import telemetry
 
 log = structlog.get_logger(__name__)
 
+#: Seconds a nacked message is held before it is handed back, on its first
+#: delivery; doubled on each later one. Attempts 1 to 4 wait 2, 4, 8 and 16 s,
+#: so a message meets a fifth delivery (the default dead-letter threshold) only
+#: after about 30 s of failures, not after one second.
+NACK_HOLD_BASE_S = 2.0
+#: The longest hold, in seconds: well within the client's lease extension, and
+#: short enough that one slot held by a failing message costs little throughput.
+NACK_HOLD_MAX_S = 30.0
+
+
+def nack_hold_s(delivery_attempt: int | None) -> float:
+    """How long a message nacked on this delivery attempt is held before it is handed back."""
+    attempt = max(1, delivery_attempt or 1)
+    return float(min(NACK_HOLD_MAX_S, NACK_HOLD_BASE_S * 2 ** (attempt - 1)))
+
 
 @dataclass
 class Delivery:
@@ -43,6 +71,7 @@ class Delivery:
     delivery_attempt: int | None
     _message: Any = field(repr=False)
     _settled: threading.Event = field(default_factory=threading.Event, repr=False)
+    _nacked: bool = field(default=False, repr=False)
     received_at: float = field(default_factory=time.monotonic)
 
     @classmethod
@@ -60,14 +89,20 @@ class Delivery:
     def settled(self) -> bool:
         return self._settled.is_set()
 
+    @property
+    def nacked(self) -> bool:
+        """Settled by ``nack``: the consumer hands the message back (after its hold)."""
+        return self._nacked
+
     def ack(self) -> None:
         if not self._settled.is_set():
             self._message.ack()
             self._settled.set()
 
     def nack(self) -> None:
+        """Give the message back for redelivery; the consumer's callback thread sends the nack."""
         if not self._settled.is_set():
-            self._message.nack()
+            self._nacked = True
             self._settled.set()
 
     def wait_settled(self) -> None:
@@ -98,8 +133,11 @@ class Consumer:
         self._client: pubsub_v1.SubscriberClient | None = None
         self._future: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._held: dict[str, Delivery] = {}
+        # Keyed by identity, not message id: a redelivery may arrive while the first delivery is held.
+        self._held: dict[int, Delivery] = {}
         self._lock = threading.Lock()
+        #: Set when pulling stops: nacks held for their backoff go out at once.
+        self._stopping = threading.Event()
         self.running = False
 
     def start(self) -> None:
@@ -123,15 +161,20 @@ class Consumer:
         delivery = Delivery.from_message(message)
         assert self._loop is not None
         with self._lock:
-            self._held[delivery.message_id] = delivery
+            self._held[id(delivery)] = delivery
             telemetry.MESSAGES_HELD.set(len(self._held))
         try:
             self._loop.call_soon_threadsafe(self._queue.put_nowait, delivery)
         except RuntimeError:
-            delivery.nack()  # the event loop is gone: let Pub/Sub redeliver
+            self._stopping.set()  # the event loop is gone: hand it back now
+            delivery.nack()
         delivery.wait_settled()
+        if delivery.nacked:
+            # Hold the lease (and the flow-control slot) for the backoff; stopping cuts it short.
+            self._stopping.wait(nack_hold_s(delivery.delivery_attempt))
+            message.nack()
         with self._lock:
-            self._held.pop(delivery.message_id, None)
+            self._held.pop(id(delivery), None)
             telemetry.MESSAGES_HELD.set(len(self._held))
 
     def _on_done(self, future: Any) -> None:
@@ -151,6 +194,7 @@ class Consumer:
 
     def stop_pulling(self) -> None:
         """Stop receiving; held messages stay held until the pipeline settles them."""
+        self._stopping.set()
         if self._future is not None and self.running:
             self._future.cancel()
         self.running = False

@@ -53,6 +53,8 @@ WIRE_DTYPES = {
     "TYPE_FP16": "FP16",
     "TYPE_STRING": "BYTES",
 }
+#: Triton wire data types to numpy.
+NUMPY_DTYPES = {"UINT8": np.uint8, "FP32": np.float32, "INT32": np.int32, "FP16": np.float16, "INT64": np.int64}
 #: Per-channel mean and standard deviation of the ``tritonq_normalize: imagenet`` config parameter.
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32).reshape(3, 1, 1)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32).reshape(3, 1, 1)
@@ -138,6 +140,21 @@ class ModelSpec:
         """(W, H) of fixed-size vision inputs laid out ``[3, H, W]``."""
         _, height, width = self.input.dims
         return (width, height)
+
+    def output_nbytes(self, prepared: Prepared) -> int:
+        """Bytes of this job's output tensor (batch of one) if knowable before inference, else 0.
+
+        Image models keep the input's extent times the ``scale`` request parameter (1 if absent).
+        """
+        itemsize = np.dtype(NUMPY_DTYPES[self.output.wire_dtype]).itemsize if self.output.dtype != "TYPE_STRING" else 0
+        dims = self.output.dims
+        if itemsize and dims and all(d > 0 for d in dims):
+            return int(np.prod(dims)) * itemsize
+        if self.kind == "image" and itemsize and dims and dims[-1] > 0:
+            scale = int(prepared.parameters.get("scale", "1"))
+            height, width = prepared.array.shape[:2]
+            return height * scale * width * scale * dims[-1] * itemsize
+        return 0
 
     def default_format(self, channels: int) -> str:
         if self.kind == "image":

@@ -31,7 +31,6 @@ from typing import Any, TypeVar
 
 import numpy as np
 import structlog
-from numpy.typing import NDArray
 
 from worker import jobs, routing, telemetry
 from worker.config import Settings
@@ -39,10 +38,10 @@ from worker.consumer import Delivery
 from worker.errors import PermanentJobError, TransientError
 from worker.images import DecodeLimits
 from worker.jobs import GcsRef, Job, JobResult
-from worker.models import ModelSpec, Output
+from worker.models import ModelSpec, Output, Prepared
 from worker.results import ResultsPublisher
 from worker.storage import Storage, record_ref, result_ref
-from worker.triton import Catalog, TritonStream
+from worker.triton import Catalog, InferResult, TritonStream
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -251,13 +250,21 @@ class Pipeline:
         parameters = dict(prepared.parameters)
         if traceparent := jobs.traceparent_of(delivery.attributes):
             parameters["traceparent"] = traceparent
-        output_array, served = await timer.stage(
-            "infer", retry(lambda: self._infer(spec, version, job, prepared.array, parameters), "infer")
+        inferred = await timer.stage(
+            "infer", retry(lambda: self._infer(spec, version, job, prepared, parameters), "infer")
         )
-        output = await timer.stage(
-            "postprocess", self._in_thread(spec.postprocess, output_array, prepared, job.output_format)
-        )
-        del output_array
+        served = inferred.model_version
+        try:
+            output_array = inferred.outputs[spec.output.name]
+            output = await timer.stage(
+                "postprocess",
+                self._in_thread(
+                    spec.postprocess, output_array[0] if spec.batched else output_array, prepared, job.output_format
+                ),
+            )
+        finally:
+            # The output may be a view of a shared-memory region: hand it back only once encoded.
+            inferred.release()
         result = self._record(job, delivery, served, JobResult.SUCCEEDED, timer)
         result.output_uri = result_ref(job.output, job.job_id, output.extension).uri
         result.output_shape.extend(output.shape)
@@ -286,8 +293,8 @@ class Pipeline:
         return await self._storage.read_input(job.input_ref, self._settings.max_input_bytes)
 
     async def _infer(
-        self, spec: ModelSpec, version: str, job: Job, array: NDArray[Any], parameters: dict[str, str]
-    ) -> tuple[NDArray[Any], str]:
+        self, spec: ModelSpec, version: str, job: Job, prepared: Prepared, parameters: dict[str, str]
+    ) -> InferResult:
         timeout_s = self._settings.infer_timeout_s
         remaining = job.remaining_s(time.time())
         if remaining is not None:
@@ -295,17 +302,17 @@ class Pipeline:
                 raise DEADLINE_EXCEEDED
             # Triton drops the request from its queue once the job is worthless.
             timeout_s = min(timeout_s, remaining)
-        batch = array[np.newaxis] if spec.batched else array
-        result = await self._stream.infer(
+        batch = prepared.array[np.newaxis] if spec.batched else prepared.array
+        output_bytes = spec.output_nbytes(prepared)
+        return await self._stream.infer(
             spec.name,
             version,
             [(spec.input.name, spec.input.wire_dtype, batch)],
             parameters=parameters,
             timeout_s=timeout_s,
             priority=job.priority,
+            shm_output=(spec.output.name, output_bytes) if output_bytes else None,
         )
-        output = result.outputs[spec.output.name]
-        return (output[0] if spec.batched else output), result.model_version
 
     async def _write(self, job: Job, version: str, output: Output, result: JobResult) -> bool:
         """Write the result, notify, write the record; ``False`` if an earlier run had finished the job."""

@@ -27,6 +27,7 @@ from worker.images import configure_pillow
 from worker.pipeline import Pipeline
 from worker.results import ResultsPublisher
 from worker.server import HttpServer
+from worker.shm import ShmPool
 from worker.storage import Storage
 from worker.triton import Catalog, TritonControl, TritonStream
 
@@ -50,6 +51,7 @@ class Worker:
             settings.triton_url, request_timeout_s=settings.infer_timeout_s, mode=settings.triton_mode
         )
         self.storage = Storage()
+        self.shm_pool: ShmPool | None = None
         self.results = ResultsPublisher(settings.results_topic_path) if settings.results_topic else None
         self.pipeline = Pipeline(settings, self.stream, self.catalog, self.storage, self.executor, results=self.results)
         self.consumer = Consumer(
@@ -100,6 +102,7 @@ class Worker:
         refresher: asyncio.Task[None] | None = None
         try:
             await self._wait_for_triton()
+            await self._enable_shared_memory()
             await self.stream.start()
             await self.storage.start()
             if self.results is not None:
@@ -132,6 +135,17 @@ class Worker:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop_requested.wait(), delay)
             delay = min(delay * 2, 5.0)
+
+    async def _enable_shared_memory(self) -> None:
+        if self.settings.shared_memory == "off" or self.settings.shared_memory_max_bytes == 0:
+            return
+        pool = ShmPool(self.control, max_bytes=self.settings.shared_memory_max_bytes)
+        if await pool.probe():
+            self.shm_pool = self.stream.shm_pool = pool
+            log.info("shared_memory_enabled", max_bytes=self.settings.shared_memory_max_bytes)
+        else:
+            await pool.close()
+            log.info("shared_memory_unavailable", reason="triton cannot map the worker's regions")
 
     async def _refresh_catalog(self) -> None:
         while True:
@@ -172,6 +186,8 @@ class Worker:
         await self.consumer.wait_closed()
         # 5. Close the clients, then the probes.
         await self.stream.stop()
+        if self.shm_pool is not None:
+            await self.shm_pool.close()
         if self.results is not None:
             await self.results.stop()
         await self.storage.close()

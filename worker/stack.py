@@ -26,6 +26,7 @@ import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from worker.config import Settings
 
@@ -332,8 +333,14 @@ class Stack:
             create_bucket(self.gcs.url, settings.project, bucket)
 
 
-def provision_pubsub(settings: Settings, emulator_host: str | None = None) -> None:
-    """Create the jobs topic, dead-letter topic and subscription if missing (idempotent)."""
+def provision_pubsub(settings: Settings, emulator_host: str | None = None, *, dead_letter: bool = True) -> None:
+    """Create the jobs topic, dead-letter topic and subscription if missing (idempotent).
+
+    ``dead_letter=False`` leaves the dead-letter policy off the subscription:
+    only for the worker-crash fault test, because the emulator never redelivers
+    a message whose lease expired (its holder was killed) on a subscription
+    with a dead-letter policy; nacked messages it does redeliver.
+    """
     from google.api_core import exceptions
     from google.cloud import pubsub_v1
 
@@ -341,27 +348,27 @@ def provision_pubsub(settings: Settings, emulator_host: str | None = None) -> No
     with _temporary_env(env):
         publisher = pubsub_v1.PublisherClient()
         subscriber = pubsub_v1.SubscriberClient()
-        dead_letter = publisher.topic_path(settings.project, settings.dead_letter_topic)
-        for topic in (settings.topic_path, dead_letter):
+        dead_letter_topic = publisher.topic_path(settings.project, settings.dead_letter_topic)
+        for topic in (settings.topic_path, dead_letter_topic):
             with contextlib.suppress(exceptions.AlreadyExists):
                 publisher.create_topic(name=topic)
         dead_letter_sub = subscriber.subscription_path(settings.project, settings.dead_letter_topic)
         with contextlib.suppress(exceptions.AlreadyExists):
-            subscriber.create_subscription(name=dead_letter_sub, topic=dead_letter)
+            subscriber.create_subscription(name=dead_letter_sub, topic=dead_letter_topic)
+        request: dict[str, Any] = {
+            "name": settings.subscription_path,
+            "topic": settings.topic_path,
+            # Long enough for a GPU batch; the client extends leases beyond it.
+            "ack_deadline_seconds": 60,
+            "retry_policy": {"minimum_backoff": {"seconds": 1}, "maximum_backoff": {"seconds": 60}},
+        }
+        if dead_letter:
+            request["dead_letter_policy"] = {
+                "dead_letter_topic": dead_letter_topic,
+                "max_delivery_attempts": settings.max_delivery_attempts,
+            }
         with contextlib.suppress(exceptions.AlreadyExists):
-            subscriber.create_subscription(
-                request={
-                    "name": settings.subscription_path,
-                    "topic": settings.topic_path,
-                    # Long enough for a GPU batch; the client extends leases beyond it.
-                    "ack_deadline_seconds": 60,
-                    "dead_letter_policy": {
-                        "dead_letter_topic": dead_letter,
-                        "max_delivery_attempts": settings.max_delivery_attempts,
-                    },
-                    "retry_policy": {"minimum_backoff": {"seconds": 1}, "maximum_backoff": {"seconds": 60}},
-                }
-            )
+            subscriber.create_subscription(request=request)
         if settings.results_topic:
             results = settings.results_topic_path
             with contextlib.suppress(exceptions.AlreadyExists):

@@ -29,7 +29,7 @@ import json
 import random
 import struct
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -42,7 +42,8 @@ from tritonclient.utils import InferenceServerException, deserialize_bytes_tenso
 
 from worker import telemetry
 from worker.errors import PermanentJobError, TransientError
-from worker.models import ModelSpec
+from worker.models import NUMPY_DTYPES, ModelSpec
+from worker.shm import Region, ShmPool
 
 log = structlog.get_logger(__name__)
 
@@ -79,29 +80,52 @@ RETRYABLE_CODES = frozenset(
 )
 
 
-@dataclass(frozen=True)
+@dataclass
 class InferResult:
-    """One response: the output tensors by name and the version that served it."""
+    """One response: the output tensors by name and the version that served it.
+
+    Outputs that came back through shared memory are views of a pooled region:
+    call ``release()`` once they have been used (encoded), not before.
+    """
 
     outputs: Mapping[str, NDArray[Any]]
     model_version: str
+    shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    dtypes: Mapping[str, str] = field(default_factory=dict)
+    regions: list[Region] = field(default_factory=list)
+    pool: ShmPool | None = None
+
+    def release(self) -> None:
+        if self.pool is not None:
+            for region in self.regions:
+                self.pool.release(region)
+        self.regions = []
 
 
 class StreamBroken(TransientError):
     """The stream closed while this request was in flight; retry it."""
 
 
+class ShmRefused(TransientError):
+    """Triton could not use a shared-memory region (restarted, or not beside us): resend in the message."""
+
+
+def _point_at(parameters: Any, region: Region, nbytes: int) -> None:
+    parameters["shared_memory_region"].string_param = region.name
+    parameters["shared_memory_byte_size"].int64_param = nbytes
+    parameters["shared_memory_offset"].int64_param = 0
+
+
 def _classify(message: str) -> Exception:
     lowered = message.lower()
+    if "shared memory" in lowered or "shared_memory" in lowered:
+        return ShmRefused(f"triton: {message}")
     if "not found" in lowered or "unavailable" in lowered or "not ready" in lowered:
         # A model that is unknown or still loading: the caller decides (catalog refresh or retry).
         return TransientError(f"triton: {message}")
     if any(marker in lowered for marker in PERMANENT_ERROR_MARKERS):
         return PermanentJobError("inference_rejected", f"triton rejected the request: {message}")
     return TransientError(f"triton: {message}")
-
-
-NUMPY_DTYPES = {"UINT8": np.uint8, "FP32": np.float32, "INT32": np.int32, "FP16": np.float16, "INT64": np.int64}
 
 
 def _to_numpy(tensor: Any, raw: bytes) -> NDArray[Any]:
@@ -220,11 +244,15 @@ class _Lane:
 
 
 def _result(infer: Any) -> InferResult:
+    shapes = {tensor.name: tuple(tensor.shape) for tensor in infer.outputs}
+    dtypes = {tensor.name: tensor.datatype for tensor in infer.outputs}
+    # An output written to shared memory comes back with empty contents in its place.
     outputs = {
         tensor.name: _to_numpy(tensor, raw)
-        for tensor, raw in zip(infer.outputs, infer.raw_output_contents, strict=True)
+        for tensor, raw in zip(infer.outputs, infer.raw_output_contents, strict=False)
+        if raw or not all(tensor.shape)
     }
-    return InferResult(outputs, infer.model_version)
+    return InferResult(outputs, infer.model_version, shapes, dtypes)
 
 
 class TritonStream:
@@ -241,7 +269,15 @@ class TritonStream:
     instead (the benchmark compares the two).
     """
 
-    def __init__(self, url: str, *, request_timeout_s: float, queue_size: int = 256, mode: str = "stream") -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        request_timeout_s: float,
+        queue_size: int = 256,
+        mode: str = "stream",
+        shm_pool: ShmPool | None = None,
+    ) -> None:
         if mode not in ("stream", "unary"):
             raise ValueError(f"mode must be stream or unary, not {mode!r}")
         self._url = url
@@ -253,6 +289,7 @@ class TritonStream:
         self._stub: Any = None
         self._lanes: dict[LaneKey, _Lane] = {}
         self._unary_in_flight = 0
+        self.shm_pool = shm_pool
 
     async def start(self) -> None:
         if self._channel is not None:
@@ -282,10 +319,49 @@ class TritonStream:
         parameters: Mapping[str, str] | None = None,
         timeout_s: float | None = None,
         priority: int = 0,
+        shm_output: tuple[str, int] | None = None,
     ) -> InferResult:
-        """Run one request: ``inputs`` are ``(name, wire_dtype, array)`` with the batch dimension included."""
+        """Run one request: ``inputs`` are ``(name, wire_dtype, array)`` with the batch dimension included.
+
+        With a shared-memory pool, fixed-size inputs travel through regions, and so does the output
+        named in ``shm_output`` (``(name, bytes it needs)``). Whatever does not fit the pool travels in
+        the message; a request Triton refuses for a region is sent again without regions.
+        """
         if self._stub is None:
             raise RuntimeError("TritonStream not started")
+        limit_s = timeout_s if timeout_s is not None else self._request_timeout_s
+        options: dict[str, Any] = {"parameters": parameters, "limit_s": limit_s, "priority": priority}
+        if self.shm_pool is not None:
+            regions: list[Region] = []
+            try:
+                request = await self._request(model, version, inputs, shm_output=shm_output, regions=regions, **options)
+                result = await self._send(request, model, priority, limit_s)
+            except ShmRefused as exc:
+                log.warning("shm_refused", model=model, error=str(exc))
+                self.shm_pool.forget_registrations()
+                for region in regions:
+                    self.shm_pool.release(region)
+            except BaseException:
+                for region in regions:
+                    self.shm_pool.release(region)
+                raise
+            else:
+                return self._attach_regions(result, request, regions)
+        request = await self._request(model, version, inputs, shm_output=None, regions=None, **options)
+        return await self._send(request, model, priority, limit_s)
+
+    async def _request(
+        self,
+        model: str,
+        version: str,
+        inputs: Sequence[tuple[str, str, NDArray[Any]]],
+        *,
+        parameters: Mapping[str, str] | None,
+        limit_s: float,
+        priority: int,
+        shm_output: tuple[str, int] | None,
+        regions: list[Region] | None,
+    ) -> service_pb2.ModelInferRequest:
         request_id = f"r{next(self._ids)}"
         request = service_pb2.ModelInferRequest(model_name=model, model_version=version, id=request_id)
         for name, dtype, array in inputs:
@@ -293,20 +369,57 @@ class TritonStream:
             tensor.name = name
             tensor.datatype = dtype
             tensor.shape.extend(array.shape)
-            request.raw_input_contents.append(_to_raw(dtype, array))
+            region = None
+            if regions is not None and self.shm_pool is not None and dtype != "BYTES":
+                region = await self.shm_pool.acquire(array.nbytes)
+            if region is None or regions is None:
+                request.raw_input_contents.append(_to_raw(dtype, array))
+            else:
+                regions.append(region)
+                region.write(array)
+                _point_at(tensor.parameters, region, array.nbytes)
+        if regions is not None and shm_output is not None and self.shm_pool is not None:
+            region = await self.shm_pool.acquire(shm_output[1])
+            if region is not None:
+                regions.append(region)
+                output = request.outputs.add()
+                output.name = shm_output[0]
+                _point_at(output.parameters, region, shm_output[1])
         for key, value in (parameters or {}).items():
             request.parameters[key].string_param = value
         if priority:
             request.parameters["priority"].uint64_param = priority
-        timeout = timeout_s if timeout_s is not None else self._request_timeout_s
         # Triton drops a request still queued past its timeout, which keeps a backlog from going stale.
-        request.parameters["timeout"].int64_param = int(timeout * 1_000_000)
+        request.parameters["timeout"].int64_param = int(limit_s * 1_000_000)
+        return request
+
+    async def _send(
+        self, request: service_pb2.ModelInferRequest, model: str, priority: int, limit_s: float
+    ) -> InferResult:
         try:
             if self._mode == "unary":
-                return await self._unary(request, timeout)
-            return await self._lane((model, priority)).send(request, timeout)
+                return await self._unary(request, limit_s)
+            return await self._lane((model, priority)).send(request, limit_s)
         except TimeoutError as exc:
-            raise TransientError(f"triton request to {model} timed out after {timeout:.1f} s") from exc
+            raise TransientError(f"triton request to {model} timed out after {limit_s:.1f} s") from exc
+
+    def _attach_regions(
+        self, result: InferResult, request: service_pb2.ModelInferRequest, regions: list[Region]
+    ) -> InferResult:
+        """Swap outputs written to a region for views of it; keep that region until ``release``."""
+        assert self.shm_pool is not None
+        outputs = dict(result.outputs)
+        kept: list[Region] = []
+        shm_names = {o.name for o in request.outputs}
+        for region in regions:
+            if region.name not in {o.parameters["shared_memory_region"].string_param for o in request.outputs}:
+                self.shm_pool.release(region)  # an input region: Triton has read it
+                continue
+            kept.append(region)
+        for name in shm_names:
+            shape = result.shapes[name]
+            outputs[name] = kept[0].array(NUMPY_DTYPES[result.dtypes[name]], shape)
+        return InferResult(outputs, result.model_version, result.shapes, result.dtypes, kept, self.shm_pool)
 
     def _lane(self, key: LaneKey) -> _Lane:
         lane = self._lanes.get(key)
@@ -362,6 +475,12 @@ class TritonControl:
         except InferenceServerException as exc:
             raise TransientError(f"triton: cannot read the config of {model}: {exc.message()}") from exc
         return ModelSpec.from_triton_config(response["config"])
+
+    async def register_system_shared_memory(self, name: str, key: str, byte_size: int) -> None:
+        await self._client.register_system_shared_memory(name, key, byte_size)
+
+    async def unregister_system_shared_memory(self, name: str) -> None:
+        await self._client.unregister_system_shared_memory(name)
 
     async def load_model(self, model: str, config: Mapping[str, Any] | None = None) -> None:
         await self._client.load_model(model, config=json.dumps(config) if config else None)
