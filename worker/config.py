@@ -81,7 +81,7 @@ class Settings(BaseSettings):
     max_messages: int = Field(64, ge=1, description="Pub/Sub flow control: messages held at once.")
     max_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Pub/Sub flow control: message bytes held at once.")
     max_lease_duration_s: float = Field(
-        600.0, gt=0, description="Longest a message's lease is extended while its job runs, in seconds."
+        600.0, gt=30, description="Longest a message's lease is extended while its job runs, in seconds."
     )
     max_in_flight: int = Field(64, ge=1, description="Jobs processed concurrently by the pipeline.")
     shape_buckets_px: CsvInts = Field(

@@ -50,6 +50,8 @@ SUCCEEDED = "succeeded"
 FAILED_PERMANENT = "failed_permanent"
 NACKED = "nacked"
 DUPLICATE = "duplicate"
+#: Seconds before the lease's end at which an unfinished job is nacked.
+LEASE_MARGIN_S = 10.0
 #: ``params.preprocess = "server"`` sends a job to this variant of its model (``enhance`` -> ``enhance_bytes``).
 SERVER_SIDE_SUFFIX = "_bytes"
 DEADLINE_EXCEEDED = PermanentJobError("deadline_exceeded", "the job's deadline passed before it was computed")
@@ -164,7 +166,13 @@ class Pipeline:
                     job = jobs.validate(message, self._rules, delivery.publish_time)
                     timer.model = self._catalog.label(job.model)
                     structlog.contextvars.bind_contextvars(job_id=job.job_id, model=job.model)
-                    return await self._once(job, delivery, lambda: self._run(job, delivery, timer))
+                    # The client stops extending the lease after max_lease_duration: nack before then, so
+                    # the message is redelivered once, on purpose, rather than twice behind our back.
+                    held_s = time.monotonic() - delivery.received_at
+                    async with asyncio.timeout(self._settings.max_lease_duration_s - LEASE_MARGIN_S - held_s):
+                        return await self._once(job, delivery, lambda: self._run(job, delivery, timer))
+                except TimeoutError:
+                    return self._nack(delivery, job, "lease_expiring", "the job outlived its lease")
                 except TransientError as error:
                     if job is None or not job.expired(time.time()):
                         return self._nack(delivery, job, "transient", str(error))
