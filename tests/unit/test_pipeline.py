@@ -1,0 +1,206 @@
+"""The fate of one job, decided in one place: ack, record and ack, nack, or nack on cancellation.
+
+The pipeline's clients are small interfaces; here they are in-memory stand-ins
+so each decision can be driven alone. The real components are exercised by
+tests/integration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pytest
+
+from worker.client import build_job, encode_job
+from worker.config import Settings
+from worker.consumer import Delivery
+from worker.demo import sample_image
+from worker.errors import PermanentJobError, TransientError
+from worker.jobs import GcsRef
+from worker.models import ModelSpec
+from worker.pipeline import DUPLICATE, FAILED_PERMANENT, NACKED, SUCCEEDED, Pipeline
+from worker.triton import Catalog, InferResult
+
+pytestmark = pytest.mark.timeout(30)
+
+ENHANCE = {
+    "name": "enhance",
+    "max_batch_size": 8,
+    "input": [{"name": "image", "data_type": "TYPE_UINT8", "dims": ["-1", "-1", "3"]}],
+    "output": [{"name": "output", "data_type": "TYPE_UINT8", "dims": ["-1", "-1", "3"]}],
+}
+
+
+class Control:
+    async def repository_index(self) -> list[dict[str, str]]:
+        return [{"name": "enhance", "version": "1", "state": "READY"}]
+
+    async def model_spec(self, model: str) -> ModelSpec:
+        return ModelSpec.from_triton_config(ENHANCE)
+
+
+@dataclass
+class Storage:
+    objects: dict[str, bytes] = field(default_factory=dict)
+    writes: int = 0
+
+    async def read_input(self, ref: GcsRef, max_bytes: int) -> bytes:
+        if ref.uri not in self.objects:
+            raise PermanentJobError("input_not_found", ref.uri)
+        return self.objects[ref.uri]
+
+    async def write_once(self, ref: GcsRef, data: bytes, content_type: str, metadata: Any = None) -> bool:
+        self.writes += 1
+        if ref.uri in self.objects:
+            return False
+        self.objects[ref.uri] = data
+        return True
+
+    async def read_json(self, ref: GcsRef) -> dict[str, Any] | None:
+        data = self.objects.get(ref.uri)
+        return json.loads(data) if data is not None else None
+
+
+@dataclass
+class Stream:
+    """Echoes the image back; ``fail`` raises instead, ``gate`` holds every request until set."""
+
+    fail: Exception | None = None
+    gate: asyncio.Event | None = None
+    calls: int = 0
+    called: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def infer(self, model: str, version: str, inputs: Any, **_: Any) -> InferResult:
+        self.calls += 1
+        self.called.set()
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.fail is not None:
+            raise self.fail
+        return InferResult({"output": np.array(inputs[0][2])}, "1")
+
+
+@dataclass
+class Message:
+    """A received Pub/Sub message as the consumer sees it (the consumer sends nacks itself)."""
+
+    acks: int = 0
+
+    def ack(self) -> None:
+        self.acks += 1
+
+
+def delivery(data: bytes, attempt: int | None = 1, held_s: float = 0.0) -> tuple[Delivery, Message]:
+    message = Message()
+    return (
+        Delivery(
+            message_id="m1",
+            data=data,
+            attributes={},
+            publish_time=time.time(),
+            delivery_attempt=attempt,
+            _message=message,
+            received_at=time.monotonic() - held_s,
+        ),
+        message,
+    )
+
+
+def make(stream: Stream, storage: Storage) -> Pipeline:
+    settings = Settings(input_bucket="inputs", output_bucket="outputs", retry_attempts=3, retry_base_s=0.001)
+    return Pipeline(settings, stream, Catalog(Control()), storage, ThreadPoolExecutor(2))  # type: ignore[arg-type]
+
+
+def job_bytes(job_id: str = "j1", uri: str = "gs://inputs/a.jpg") -> bytes:
+    return encode_job(build_job("enhance", input_uri=uri, job_id=job_id))
+
+
+async def test_success_writes_result_and_record_then_acks() -> None:
+    storage = Storage({"gs://inputs/a.jpg": sample_image(20, 10)})
+    pipeline = make(Stream(), storage)
+    d, message = delivery(job_bytes())
+    assert await pipeline.handle(d) == SUCCEEDED
+    assert (message.acks, d.nacked) == (1, False)
+    record = json.loads(storage.objects["gs://outputs/results/j1.json"])
+    assert record["status"] == "SUCCEEDED"
+    assert record["output_uri"] == "gs://outputs/results/j1.jpg"
+    assert "gs://outputs/results/j1.jpg" in storage.objects
+
+
+async def test_bad_input_is_recorded_and_acked_never_retried() -> None:
+    storage = Storage({"gs://inputs/a.jpg": b"not an image"})
+    stream = Stream()
+    d, message = delivery(job_bytes())
+    assert await make(stream, storage).handle(d) == FAILED_PERMANENT
+    assert (message.acks, d.nacked, stream.calls) == (1, False, 0)
+    assert json.loads(storage.objects["gs://outputs/results/j1.json"])["error_code"] == "not_an_image"
+
+
+async def test_a_malformed_message_is_recorded_under_its_message_id() -> None:
+    storage = Storage()
+    d, message = delivery(b"\x00garbage")
+    assert await make(Stream(), storage).handle(d) == FAILED_PERMANENT
+    assert message.acks == 1
+    assert json.loads(storage.objects["gs://outputs/results/_invalid/m1.json"])["error_code"] == "invalid_message"
+
+
+async def test_transient_failures_are_retried_then_nacked() -> None:
+    stream = Stream(fail=TransientError("triton unavailable"))
+    storage = Storage({"gs://inputs/a.jpg": sample_image(20, 10)})
+    d, message = delivery(job_bytes())
+    assert await make(stream, storage).handle(d) == NACKED
+    assert stream.calls == 3
+    assert (message.acks, d.nacked) == (0, True)
+    assert "gs://outputs/results/j1.json" not in storage.objects
+
+
+async def test_duplicates_in_flight_are_processed_once() -> None:
+    gate = asyncio.Event()
+    stream = Stream(gate=gate)
+    storage = Storage({"gs://inputs/a.jpg": sample_image(20, 10)})
+    pipeline = make(stream, storage)
+    (first, m1), (second, m2) = delivery(job_bytes()), delivery(job_bytes())
+    tasks = [asyncio.create_task(pipeline.handle(first)), asyncio.create_task(pipeline.handle(second))]
+    await asyncio.wait_for(stream.called.wait(), 10)  # the first reached Triton; the second waits on it
+    gate.set()
+    assert sorted(await asyncio.gather(*tasks)) == sorted([SUCCEEDED, DUPLICATE])
+    assert stream.calls == 1
+    assert (m1.acks, m2.acks) == (1, 1)
+
+
+async def test_a_redelivery_of_a_finished_job_is_acked_without_recomputing() -> None:
+    storage = Storage({"gs://inputs/a.jpg": sample_image(20, 10)})
+    stream = Stream()
+    pipeline = make(stream, storage)
+    assert await pipeline.handle(delivery(job_bytes())[0]) == SUCCEEDED
+    writes = storage.writes
+    again, message = delivery(job_bytes(), attempt=2)
+    assert await pipeline.handle(again) == DUPLICATE
+    assert (stream.calls, storage.writes, message.acks) == (1, writes, 1)
+
+
+async def test_a_job_outliving_its_lease_is_nacked() -> None:
+    stream = Stream(gate=asyncio.Event())  # Triton never answers
+    storage = Storage({"gs://inputs/a.jpg": sample_image(20, 10)})
+    # Received almost a whole max_lease_duration (600 s by default) ago.
+    d, message = delivery(job_bytes(), held_s=595.0)
+    assert await make(stream, storage).handle(d) == NACKED
+    assert (message.acks, d.nacked) == (0, True)
+
+
+async def test_cancellation_nacks_and_propagates() -> None:
+    stream = Stream(gate=asyncio.Event())
+    storage = Storage({"gs://inputs/a.jpg": sample_image(20, 10)})
+    d, message = delivery(job_bytes())
+    task = asyncio.create_task(make(stream, storage).handle(d))
+    await asyncio.wait_for(stream.called.wait(), 10)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert (message.acks, d.nacked) == (0, True)
