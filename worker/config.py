@@ -85,7 +85,7 @@ class Settings(BaseSettings):
     )
     max_in_flight: int = Field(64, ge=1, description="Jobs processed concurrently by the pipeline.")
     shape_buckets_px: CsvInts = Field(
-        (256, 384, 512, 768, 1024, 1536, 2048),
+        (32, 64, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048),
         description="Image sides are padded up to one of these (comma-separated, px), so images of many sizes "
         "share Triton batches; outputs are cropped back. Empty disables padding.",
     )

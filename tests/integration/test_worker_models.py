@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import shutil
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,6 +20,9 @@ from worker.config import Settings
 from worker.demo import sample_image
 from worker.jobs import JobResult
 from worker.routing import choose_version, parse_routes
+from worker.stack import DEFAULT_MODEL_REPOSITORY as REPOSITORY
+from worker.stack import Triton
+from worker.triton import TritonControl
 
 pytestmark = pytest.mark.timeout(400)
 
@@ -104,3 +109,38 @@ async def test_a_weighted_split_routes_about_a_tenth_and_is_sticky(
     # Sticky: the version is a function of the job id, so a redelivery is served the same way.
     split = parse_routes(routes)
     assert all(r.model_version == choose_version("enhance", "", r.job_id, split) for r in results)
+
+
+async def test_a_version_loaded_later_is_served_without_restarting_the_worker(
+    make_settings: Callable[..., Settings], worker_for: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import worker.triton
+
+    # Every miss may refresh the catalog here (in production, at most every 2 s).
+    monkeypatch.setattr(worker.triton, "CATALOG_MIN_REFRESH_S", 0.0)
+    repo = tmp_path / "repo"
+    shutil.copytree(REPOSITORY / "enhance", repo / "enhance", ignore=shutil.ignore_patterns("__pycache__"))
+    server = Triton("triton-v3", tmp_path / "logs", model_repository=repo)
+    await asyncio.to_thread(server.start)
+    control = TritonControl(server.grpc_url)
+    try:
+        settings = make_settings(triton_url=server.grpc_url)
+        async with JobClient(settings) as client, worker_for(settings):
+            uri = await client.upload_bytes(sample_image(32, 32), "v3.jpg")
+            early = build_job("enhance", input_uri=uri, version="3")
+            await client.publish(early)
+            assert (await client.wait(early, timeout_s=60)).error_code == "unknown_version"
+
+            shutil.copytree(repo / "enhance" / "2", repo / "enhance" / "3")
+            config = repo / "enhance" / "config.pbtxt"
+            config.write_text(config.read_text().replace("versions: [ 1, 2 ]", "versions: [ 1, 2, 3 ]"))
+            await control.load_model("enhance")
+
+            late = build_job("enhance", input_uri=uri, version="3")
+            await client.publish(late)
+            result = await client.wait(late, timeout_s=60)
+        assert result.status == JobResult.SUCCEEDED
+        assert result.model_version == "3"
+    finally:
+        await control.close()
+        await asyncio.to_thread(server.stop)
