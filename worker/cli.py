@@ -193,15 +193,8 @@ async def _publish(settings: Settings, args: argparse.Namespace) -> int:
         if not args.wait:
             return 0
         started = time.monotonic()
-        results: list[JobResult] = []
         with tqdm(total=len(jobs), desc="results", unit="job", disable=not many) as bar:
-
-            async def wait(job: ImageJob) -> JobResult:
-                result = await client.wait(job, timeout_s=args.timeout)
-                bar.update(1)
-                return result
-
-            results = list(await asyncio.gather(*(wait(job) for job in jobs)))
+            results = await client.wait_many(jobs, timeout_s=args.timeout, on_result=lambda _: bar.update(1))
         if not many:
             print(json_format.MessageToJson(results[0], preserving_proto_field_name=True))
         print(summary(results, time.monotonic() - started))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import mimetypes
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
@@ -154,6 +154,37 @@ class JobClient:
                     return found
                 await asyncio.sleep(delay)
                 delay = min(POLL_MAX_S, delay * 1.5)
+
+    async def wait_many(
+        self, jobs: Sequence[ImageJob], timeout_s: float = 600.0, on_result: Callable[[JobResult], None] | None = None
+    ) -> list[JobResult]:
+        """Await many jobs at once: one listing per poll finds the new records, instead of a read per job."""
+        pending: dict[str, tuple[int, ImageJob]] = {}
+        for index, job in enumerate(jobs):
+            pending[record_ref(self.output_of(job), job.job_id).uri] = (index, job)
+        results: list[JobResult | None] = [None] * len(jobs)
+        delay = POLL_FIRST_S
+        async with asyncio.timeout(timeout_s):
+            while pending:
+                prefixes = {(parse_gs_uri(uri).bucket, parse_gs_uri(uri).name.rpartition("/")[0]) for uri in pending}
+                listed: set[str] = set()
+                for bucket, prefix in prefixes:
+                    names = await self._storage.list_names(bucket, f"{prefix}/" if prefix else "")
+                    listed |= {f"gs://{bucket}/{name}" for name in names}
+                found = [uri for uri in pending if uri in listed]
+                for uri in found:
+                    index, job = pending.pop(uri)
+                    result = await self.result(job)
+                    if result is None:  # listed but not yet readable: look again next round
+                        pending[uri] = (index, job)
+                        continue
+                    results[index] = result
+                    if on_result is not None:
+                        on_result(result)
+                if pending:
+                    await asyncio.sleep(delay)
+                    delay = min(POLL_MAX_S, delay * 1.5)
+        return [r for r in results if r is not None]
 
     async def read(self, uri: str) -> bytes:
         """Read a result object (at most 1 GiB)."""

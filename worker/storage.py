@@ -161,3 +161,17 @@ class Storage:
             await self.client.upload(ref.bucket, ref.name, data, content_type=content_type, timeout=REQUEST_TIMEOUT_S)
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise _transient(exc, f"upload {ref.uri}") from exc
+
+    async def list_names(self, bucket: str, prefix: str) -> set[str]:
+        """Names of the objects under ``prefix`` (every page): one request per 1000 objects."""
+        names: set[str] = set()
+        params = {"prefix": prefix, "fields": "items(name),nextPageToken"}
+        try:
+            while True:
+                page = await self.client.list_objects(bucket, params=params, timeout=REQUEST_TIMEOUT_S)
+                names.update(item["name"] for item in page.get("items", []))
+                if not page.get("nextPageToken"):
+                    return names
+                params["pageToken"] = page["nextPageToken"]
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise _transient(exc, f"list gs://{bucket}/{prefix}") from exc

@@ -64,7 +64,7 @@ async def test_200_jobs_end_to_end_with_batching(
         await asyncio.gather(*(client.publish(job) for job in jobs))
 
         async with worker_for(settings):
-            results = await asyncio.gather(*(client.wait(job, timeout_s=300) for job in jobs))
+            results = await client.wait_many(jobs, timeout_s=300)
 
         assert [r.status for r in results] == [JobResult.SUCCEEDED] * count
         outputs = await asyncio.gather(*(client.read(r.output_uri) for r in results))

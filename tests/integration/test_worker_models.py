@@ -102,7 +102,7 @@ async def test_a_weighted_split_routes_about_a_tenth_and_is_sticky(
         jobs = [build_job("enhance", input_uri=uri, job_id=f"split-{i:04d}") for i in range(count)]
         await asyncio.gather(*(client.publish(job) for job in jobs))
         async with worker_for(settings):
-            results = await asyncio.gather(*(client.wait(job, timeout_s=300) for job in jobs))
+            results = await client.wait_many(jobs, timeout_s=300)
     served = Counter(r.model_version for r in results)
     assert set(served) == {"1", "2"}
     assert 0.08 <= served["2"] / count <= 0.12, served
