@@ -30,7 +30,7 @@ integration: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy worker
+	$(BIN)/mypy worker bench
 
 # Generated code is reproducible from protos/job.proto; proto-check fails when it is stale.
 proto: install
@@ -52,6 +52,10 @@ models: install
 models-check: install
 	$(BIN)/python triton/scripts/render_repository.py --check
 	$(BIN)/python triton/scripts/export_models.py --check
+
+# The benchmark (not a test): real emulators and Triton, a simulated T4 model; writes build/bench.{json,md,png}.
+bench: install
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 # The seed's smoke test against whatever the settings point at (compose, or GKE through a port-forward).
 smoke: install

@@ -127,6 +127,8 @@ class Storage:
                 data,
                 content_type=content_type,
                 parameters={"ifGenerationMatch": "0"},
+                # Always multipart: fake-gcs-server ignores ifGenerationMatch on plain media uploads
+                # (measured), and the create-only precondition is what makes a rewrite harmless.
                 metadata={"metadata": dict(metadata or {})},
                 timeout=REQUEST_TIMEOUT_S,
             )

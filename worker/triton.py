@@ -204,9 +204,13 @@ class _Lane:
                 reason = "stream closed by server"
             except grpc.aio.AioRpcError as exc:
                 reason = f"{exc.code().name}: {exc.details()}"
+            except Exception as exc:
+                # A bug here must not leave the lane dead with requests waiting out their deadlines.
+                log.exception("triton_lane_crashed", model=self.key[0])
+                reason = repr(exc)
             finally:
                 writer.cancel()
-                with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+                with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError, asyncio.InvalidStateError):
                     await writer
                 call.cancel()
                 self._call = None
@@ -223,7 +227,12 @@ class _Lane:
             request = await self._queue.get()
             if request.id not in self.pending:
                 continue  # its caller timed out or was cancelled while it queued
-            await call.write(request)
+            try:
+                await call.write(request)
+            except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                # The stream is gone: end it, so the reader sees it and the lane reconnects.
+                call.cancel()
+                raise
 
     async def _read(self, call: Any) -> None:
         loop = asyncio.get_running_loop()
@@ -240,7 +249,11 @@ class _Lane:
             if response.error_message:
                 future.set_exception(_classify(response.error_message))
                 continue
-            future.set_result(_result(infer))
+            try:
+                future.set_result(_result(infer))
+            except (ValueError, KeyError) as exc:
+                # A response we cannot decode fails its own request, not the whole lane.
+                future.set_exception(exc)
 
 
 def _result(infer: Any) -> InferResult:

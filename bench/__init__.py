@@ -1,0 +1,25 @@
+"""``python -m bench``: the benchmark of issue 7, on the embedded local stack.
+
+It measures the product worker (``tritonq run``, as a subprocess so its CPU and
+memory are its own) against a naive worker, the physical floor of the image
+work, and the ceilings of each component, with a simulated GPU model
+(``sim_gpu``) in Triton, and writes ``build/bench.json`` and ``build/bench.md``.
+
+Modules, one concern each:
+
+| module | owns |
+| --- | --- |
+| ``options.py`` | the command line and the run's sizes (full and ``--quick``) |
+| ``sim_model.py`` | the simulated-GPU profile and the model repository Triton loads |
+| ``stats.py`` | pure numbers: percentiles, Prometheus text, Triton batch statistics |
+| ``procstat.py`` | CPU time and peak RSS of a process, from ``/proc`` |
+| ``workload.py`` | inputs, jobs, publishing (backlog or paced), reading result records |
+| ``worker_proc.py`` | the product worker as a subprocess, sampled while it works |
+| ``runs.py`` | one backlog or paced run of the product worker, reduced to figures |
+| ``floor.py`` | the unavoidable image work in a tight loop |
+| ``naive.py`` | the naive one-message-at-a-time worker |
+| ``ceilings.py`` | Triton, storage and Pub/Sub alone |
+| ``report.py`` | the figures, the targets, ``bench.json`` and ``bench.md`` |
+| ``plot.py`` | the PNG of throughput and p99 latency against the in-flight limit (Pillow) |
+| ``run.py`` | the phases in order, the progress display, ``main`` |
+"""

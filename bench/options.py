@@ -1,0 +1,92 @@
+"""The command line of ``python -m bench`` and the sizes of a run (full, or ``--quick`` for development)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.sim_model import PROFILE_ENV, SimProfile
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How many jobs each phase runs."""
+
+    jobs: int = 2000  # the main backlog, 256 px
+    image_px: int = 256
+    naive_jobs: int = 150  # the naive worker is slow: fewer jobs, same images
+    floor_jobs: int = 300
+    ceiling_jobs: int = 2000
+    low_rate_jobs: int = 100
+    low_rate_per_s: float = 5.0
+    delivery_probes: int = 25  # Pub/Sub's own delivery latency, at the low rate
+    saturation_fraction: float = 0.9  # latency at saturation: paced at this fraction of e2e throughput
+    saturation_s: float = 15.0  # ... for this long
+    sweep: tuple[int, ...] = (8, 16, 32, 64)
+    sweep_jobs: int = 400
+    large_px: int = 1024
+    large_jobs: int = 200
+    mode_jobs: int = 600  # stream against unary
+
+
+FULL = Sizes()
+QUICK = Sizes(
+    jobs=300,
+    naive_jobs=30,
+    floor_jobs=60,
+    ceiling_jobs=300,
+    low_rate_jobs=20,
+    delivery_probes=10,
+    saturation_s=5.0,
+    sweep=(8, 32),
+    sweep_jobs=150,
+    large_jobs=40,
+    mode_jobs=120,
+)
+
+
+@dataclass(frozen=True)
+class Options:
+    sizes: Sizes
+    quick: bool
+    profile: SimProfile
+    out_dir: Path
+    state_dir: Path
+    py_spy: bool
+    command: str
+
+
+def parse(argv: Sequence[str] | None = None) -> Options:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Benchmark the worker on the local stack with a simulated GPU; writes build/bench.{json,md,png}.",
+    )
+    parser.add_argument("--quick", action="store_true", help="small N everywhere (development; figures indicative)")
+    parser.add_argument("--jobs", type=int, help="jobs of the main backlog run (default 2000, quick 300)")
+    parser.add_argument(
+        "--sim-profile",
+        default=os.environ.get(PROFILE_ENV, "60+1"),
+        help=f"simulated GPU time per batch, FIXED_MS+PER_IMAGE_MS (default 60+1, or ${PROFILE_ENV})",
+    )
+    parser.add_argument("--out", type=Path, default=Path("build"), help="folder of bench.json, bench.md, bench.png")
+    parser.add_argument("--state-dir", type=Path, default=Path("build/bench-state"), help="stack state and logs")
+    parser.add_argument(
+        "--py-spy", action="store_true", help="profile the worker with py-spy during the main run (perturbs it)"
+    )
+    args = parser.parse_args(argv)
+    sizes = QUICK if args.quick else FULL
+    if args.jobs:
+        sizes = dataclasses.replace(sizes, jobs=args.jobs)
+    return Options(
+        sizes=sizes,
+        quick=args.quick,
+        profile=SimProfile.parse(args.sim_profile),
+        out_dir=args.out.resolve(),
+        state_dir=args.state_dir.resolve(),
+        py_spy=args.py_spy,
+        command=" ".join(["python -m bench", *(argv if argv is not None else [])]),
+    )

@@ -1,0 +1,271 @@
+"""The report: derived figures, the targets of issue 7, ``bench.json`` and ``bench.md``.
+
+``run.py`` collects the measured figures into one document (a plain dict, the
+shape of ``bench.json``); ``derive`` adds the ratios and the target checks;
+``markdown`` renders the readable report and ``table`` the summary printed at
+the end of ``python -m bench``. Everything here is pure except ``write``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+#: The issue's targets: figure, comparison, bound (a number, or a figure's name).
+TARGETS: tuple[tuple[str, str, str], ...] = (
+    ("speedup_vs_naive", ">=", "8"),
+    ("e2e_vs_ceiling", ">=", "0.8"),
+    ("avg_batch_size", ">=", "half_max_batch_size"),
+    ("overhead_ratio", "<=", "1.5"),
+    ("low_rate_latency_ms.p50", "<=", "low_rate_target_ms"),
+    ("large.shm_cpu_cut", ">=", "0.3"),
+)
+#: Headroom of the low-rate latency target over the floor and the queue delay, in ms.
+LOW_RATE_SLACK_MS = 25.0
+CEILINGS = {
+    "infer": "ceiling_infer_per_s",
+    "storage": "ceiling_storage_jobs_per_s",
+    "pubsub": "ceiling_pubsub_msgs_per_s",
+}
+
+
+def lookup(doc: Mapping[str, Any], path: str) -> Any:
+    """``doc["a"]["b"]`` for ``"a.b"``; ``None`` where any part is missing or null."""
+    value: Any = doc
+    for part in path.split("."):
+        if not isinstance(value, Mapping) or value.get(part) is None:
+            return None
+        value = value[part]
+    return value
+
+
+def ratio(numerator: float | None, denominator: float | None, digits: int = 2) -> float | None:
+    if numerator is None or not denominator:
+        return None
+    return round(numerator / denominator, digits)
+
+
+def derive(doc: dict[str, Any]) -> dict[str, Any]:
+    """Add the ratios and the target checks to the measured figures (returns the same dict)."""
+    doc["speedup_vs_naive"] = ratio(doc.get("e2e_jobs_per_s"), doc.get("naive_jobs_per_s"))
+    doc["overhead_ratio"] = ratio(doc.get("worker_cpu_ms_per_job"), doc.get("floor_cpu_ms_per_job"))
+    ceilings: dict[str, float] = {name: float(doc[key]) for name, key in CEILINGS.items() if doc.get(key)}
+    if ceilings:
+        slowest = min(ceilings, key=lambda name: ceilings[name])
+        doc["slowest_ceiling"] = slowest
+        doc["e2e_vs_ceiling"] = ratio(doc.get("e2e_jobs_per_s"), ceilings[slowest])
+    else:
+        doc["slowest_ceiling"] = doc["e2e_vs_ceiling"] = None
+    max_batch = doc.get("max_batch_size")
+    doc["half_max_batch_size"] = max_batch / 2 if max_batch else None
+    sim = doc.get("sim_profile", {})
+    if doc.get("floor_cpu_ms_per_job") is not None and sim:
+        doc["low_rate_target_ms"] = round(
+            doc["floor_cpu_ms_per_job"]
+            + sim["fixed_ms"]
+            + sim["per_image_ms"]
+            + sim.get("queue_delay_ms", 0.0)
+            + LOW_RATE_SLACK_MS,
+            2,
+        )
+    large = doc.get("large")
+    if isinstance(large, dict):
+        payload, shm = large.get("payload_cpu_ms_per_job"), large.get("shm_cpu_ms_per_job")
+        large["shm_cpu_cut"] = round(1 - shm / payload, 3) if payload and shm is not None else None
+    doc["targets"] = [check(doc, *target) for target in TARGETS]
+    return doc
+
+
+def check(doc: Mapping[str, Any], figure: str, op: str, bound: str) -> dict[str, Any]:
+    """One target: its figure's value, the bound's value, and whether it is met (``None``: not measured)."""
+    value = lookup(doc, figure)
+    try:
+        limit: float | None = float(bound)
+    except ValueError:
+        limit = lookup(doc, bound)
+    met = None if value is None or limit is None else (value >= limit if op == ">=" else value <= limit)
+    return {"figure": figure, "op": op, "bound": bound, "limit": limit, "value": value, "met": met}
+
+
+def fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return str(value)
+
+
+def fmt_latency(summary: Mapping[str, float] | None) -> str:
+    if not summary:
+        return "n/a"
+    return " / ".join(f"{summary[p]:,.0f}" for p in ("p50", "p95", "p99")) + " ms"
+
+
+def _target_text(doc: Mapping[str, Any], figure: str) -> str:
+    for target in doc.get("targets", []):
+        if target["figure"] == figure:
+            mark = {True: "met", False: "MISSED", None: "not measured"}[target["met"]]
+            return f"{target['op']} {fmt(target['limit'])} ({mark})"
+    return ""
+
+
+def _stack_text(stack: Mapping[str, float] | None) -> str:
+    return ", ".join(f"{name} {fmt(value)}" for name, value in (stack or {}).items()) or "n/a"
+
+
+def rows(doc: Mapping[str, Any]) -> list[tuple[str, str, str]]:
+    """The summary table: figure, value, target."""
+    size = doc.get("image_px")
+    large = doc.get("large") or {}
+    modes = doc.get("triton_modes") or {}
+    sim = doc.get("sim_profile") or {}
+    return [
+        ("simulated GPU profile", sim.get("text", "n/a"), ""),
+        (f"e2e_jobs_per_s ({doc.get('jobs')} jobs, {size} px, backlog)", fmt(doc.get("e2e_jobs_per_s")), ""),
+        (f"naive_jobs_per_s ({doc.get('naive_jobs')} jobs)", fmt(doc.get("naive_jobs_per_s")), ""),
+        ("speedup_vs_naive", fmt(doc.get("speedup_vs_naive")), _target_text(doc, "speedup_vs_naive")),
+        ("worker_cpu_ms_per_job", fmt(doc.get("worker_cpu_ms_per_job")), ""),
+        ("floor_cpu_ms_per_job", fmt(doc.get("floor_cpu_ms_per_job")), ""),
+        ("overhead_ratio", fmt(doc.get("overhead_ratio")), _target_text(doc, "overhead_ratio")),
+        (
+            "avg_batch_size / max_batch_size",
+            f"{fmt(doc.get('avg_batch_size'))} / {fmt(doc.get('max_batch_size'))}",
+            _target_text(doc, "avg_batch_size"),
+        ),
+        (
+            f"latency_ms p50/p95/p99 (publish to ack, paced at {fmt(doc.get('latency_rate_per_s'), 0)}/s)",
+            fmt_latency(doc.get("latency_ms")),
+            "",
+        ),
+        ("backlog service_ms p50/p95/p99 (pull to ack)", fmt_latency(doc.get("service_ms")), ""),
+        (
+            f"low_rate_latency_ms p50/p95/p99 (at {fmt(doc.get('low_rate_per_s'), 0)}/s)",
+            fmt_latency(doc.get("low_rate_latency_ms")),
+            f"p50 {_target_text(doc, 'low_rate_latency_ms.p50')}",
+        ),
+        ("pubsub_delivery_ms p50/p95/p99 (publish to callback, alone)", fmt_latency(doc.get("pubsub_delivery_ms")), ""),
+        ("ceiling_infer_per_s", fmt(doc.get("ceiling_infer_per_s")), ""),
+        ("ceiling_storage_jobs_per_s", fmt(doc.get("ceiling_storage_jobs_per_s")), ""),
+        ("ceiling_pubsub_msgs_per_s", fmt(doc.get("ceiling_pubsub_msgs_per_s")), ""),
+        (
+            f"e2e_vs_ceiling (slowest: {doc.get('slowest_ceiling')})",
+            fmt(doc.get("e2e_vs_ceiling")),
+            _target_text(doc, "e2e_vs_ceiling"),
+        ),
+        (
+            "machine_cpu_ms_per_job (worker + emulators + Triton)",
+            f"{fmt(doc.get('machine_cpu_ms_per_job'))} ({_stack_text(doc.get('stack_cpu_ms_per_job'))})",
+            "",
+        ),
+        ("ceiling_machine_cpu_jobs_per_s (CPUs / that)", fmt(doc.get("ceiling_machine_cpu_jobs_per_s")), ""),
+        ("peak_rss_mb", fmt(doc.get("peak_rss_mb"), 1), ""),
+        (
+            f"{large.get('image_px', 1024)} px payload_cpu_ms_per_job ({large.get('jobs')} jobs)",
+            fmt(large.get("payload_cpu_ms_per_job")),
+            "",
+        ),
+        (f"{large.get('image_px', 1024)} px shm_cpu_ms_per_job", fmt(large.get("shm_cpu_ms_per_job")), ""),
+        ("shared-memory CPU cut", fmt(large.get("shm_cpu_cut"), 3), _target_text(doc, "large.shm_cpu_cut")),
+        (
+            f"stream / unary jobs_per_s ({modes.get('jobs')} jobs)",
+            f"{fmt(modes.get('stream_jobs_per_s'))} / {fmt(modes.get('unary_jobs_per_s'))}",
+            "",
+        ),
+    ]
+
+
+def table(doc: Mapping[str, Any]) -> str:
+    """The summary as a Markdown table (readable in a terminal too)."""
+    header = ("figure", "value", "target")
+    body = rows(doc)
+    widths = [max(len(r[i]) for r in (header, *body)) for i in range(3)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
+    return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in body)])
+
+
+def sweep_table(sweep: Sequence[Mapping[str, Any]]) -> str:
+    lines = [
+        "| max_in_flight | jobs | jobs/s | service p50 / p99 (ms) | avg batch | worker CPU ms/job |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for point in sweep:
+        service = point.get("service_ms") or {}
+        lines.append(
+            f"| {point['max_in_flight']} | {point['jobs']} | {fmt(point.get('jobs_per_s'))} | "
+            f"{fmt(service.get('p50'), 0)} / {fmt(service.get('p99'), 0)} | {fmt(point.get('avg_batch_size'))} | "
+            f"{fmt(point.get('cpu_ms_per_job'))} |"
+        )
+    return "\n".join(lines)
+
+
+def markdown(doc: Mapping[str, Any], plot_name: str | None) -> str:
+    """``bench.md``: how it was made, the summary table, the sweep and its plot, the notes."""
+    sim = doc.get("sim_profile") or {}
+    settings = doc.get("worker_settings") or {}
+    quick = " (quick: small N, figures indicative only)" if doc.get("quick") else ""
+    parts = [
+        "# tritonq benchmark",
+        "",
+        f"`{doc.get('command')}` on {doc.get('machine', {}).get('cpus')} CPUs, {doc.get('generated_at')}, "
+        f"{fmt(doc.get('wall_s'), 0)} s in all{quick}.",
+        "",
+        f"Simulated GPU `sim_gpu`: {sim.get('text')}; max_batch_size {sim.get('max_batch_size')}, "
+        f"preferred batch sizes {sim.get('preferred_batch_sizes')}, queue delay {sim.get('queue_delay_ms')} ms. "
+        f"Worker settings of the main run: {', '.join(f'{k}={v}' for k, v in settings.items())}.",
+        "",
+        table(doc),
+        "",
+        "## In-flight limit sweep",
+        "",
+        sweep_table(doc.get("sweep") or []),
+        "",
+    ]
+    stage_rows = [(name, run.get("stages_ms") or {}) for name, run in (doc.get("runs") or {}).items()]
+    stage_names = sorted({stage for _, stages in stage_rows for stage in stages})
+    if stage_names:
+        parts += ["## Where a job's time goes (mean ms per stage, pull to record written)", ""]
+        parts += ["| run | " + " | ".join(stage_names) + " |", "|---" * (len(stage_names) + 1) + "|"]
+        parts += [
+            f"| {name} | " + " | ".join(fmt(stages.get(stage), 1) for stage in stage_names) + " |"
+            for name, stages in stage_rows
+        ]
+        parts.append("")
+    if plot_name:
+        parts += [f"![throughput and p99 latency against the in-flight limit]({plot_name})", ""]
+    parts += ["## How each figure is measured", ""]
+    parts += [f"- {note}" for note in doc.get("notes", [])]
+    hot = doc.get("profile")
+    if hot:
+        parts += [
+            "",
+            "## Worker profile (py-spy --gil, main run)",
+            "",
+            "Sampled while the main run ran, so that run's figures above are perturbed by the sampling.",
+            "",
+            "| self | function |",
+            "| --- | --- |",
+        ]
+        parts += [f"| {h['share']:.1%} | `{h['function']}` |" for h in hot.get("self", [])]
+        parts += ["", "| inclusive | worker function |", "| --- | --- |"]
+        parts += [f"| {h['share']:.1%} | `{h['function']}` |" for h in hot.get("inclusive", [])]
+    return "\n".join(parts) + "\n"
+
+
+def write(doc: Mapping[str, Any], out_dir: Path, plot_png: bytes | None) -> tuple[Path, Path]:
+    """Write ``bench.json``, ``bench.md`` and (if given) ``bench.png`` into ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out_dir / "bench.json", out_dir / "bench.md"
+    plot_name = None
+    if plot_png is not None:
+        plot_name = "bench.png"
+        (out_dir / plot_name).write_bytes(plot_png)
+    json_path.write_text(json.dumps(doc, indent=2) + "\n")
+    md_path.write_text(markdown(doc, plot_name))
+    return json_path, md_path

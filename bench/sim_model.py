@@ -1,0 +1,92 @@
+"""The simulated GPU: its profile, and the model repository Triton loads for the benchmark.
+
+``bench/model_repository/sim_gpu`` is a Python-backend identity model on UINT8
+``[H, W, 3]`` images whose execution sleeps ``fixed_ms + per_image_ms x images``
+per batch (default 60 ms + 1 ms per image, T4-like: the fixed cost dominates,
+so a batch of 16 costs little more than a batch of 1). The profile is a
+setting of the benchmark (``--sim-profile`` or ``TRITONQ_BENCH_SIM_PROFILE``,
+``FIXED_MS+PER_IMAGE_MS``); ``prepare_repository`` copies the repository into
+the run's state folder with the profile written into the model's config, so
+the checked-in repository always loads as it is.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+MODEL_NAME = "sim_gpu"
+REPOSITORY = Path(__file__).resolve().parent / "model_repository"
+PROFILE_ENV = "TRITONQ_BENCH_SIM_PROFILE"
+
+_PARAM_RE = r'(key:\s*"{key}"\s*value\s*\{{\s*string_value:\s*")[^"]*(")'
+
+
+@dataclass(frozen=True)
+class SimProfile:
+    """Execution time of one batch: ``fixed_ms + per_image_ms x batch``, in milliseconds."""
+
+    fixed_ms: float = 60.0
+    per_image_ms: float = 1.0
+
+    @classmethod
+    def parse(cls, text: str) -> SimProfile:
+        """``"60+1"`` (fixed + per image, in ms)."""
+        fixed, sep, per_image = text.partition("+")
+        try:
+            profile = cls(float(fixed), float(per_image) if sep else 0.0)
+        except ValueError as exc:
+            raise ValueError(f"sim profile {text!r}: expected FIXED_MS+PER_IMAGE_MS, e.g. 60+1") from exc
+        if profile.fixed_ms < 0 or profile.per_image_ms < 0:
+            raise ValueError(f"sim profile {text!r}: times must be >= 0")
+        return profile
+
+    def batch_ms(self, batch: int) -> float:
+        return self.fixed_ms + self.per_image_ms * batch
+
+    def describe(self) -> str:
+        return f"{self.fixed_ms:g} ms + {self.per_image_ms:g} ms/image per batch (slept)"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What the benchmark reads back from the model's ``config.pbtxt``."""
+
+    max_batch_size: int
+    queue_delay_ms: float
+    preferred_batch_sizes: tuple[int, ...]
+
+
+def read_config(text: str) -> ModelConfig:
+    """The batching figures of a ``config.pbtxt`` (text format; only the fields the report states)."""
+    max_batch = re.search(r"^max_batch_size:\s*(\d+)", text, re.M)
+    delay = re.search(r"max_queue_delay_microseconds:\s*(\d+)", text)
+    preferred = re.search(r"preferred_batch_size:\s*\[([^\]]*)\]", text)
+    if max_batch is None:
+        raise ValueError("config has no max_batch_size")
+    return ModelConfig(
+        max_batch_size=int(max_batch.group(1)),
+        queue_delay_ms=int(delay.group(1)) / 1000.0 if delay else 0.0,
+        preferred_batch_sizes=tuple(int(p) for p in preferred.group(1).split(",")) if preferred else (),
+    )
+
+
+def with_profile(text: str, profile: SimProfile) -> str:
+    """``config.pbtxt`` text with the profile's two parameters set."""
+    for key, value in (("fixed_ms", profile.fixed_ms), ("per_image_ms", profile.per_image_ms)):
+        text, count = re.subn(_PARAM_RE.format(key=key), rf"\g<1>{value:g}\g<2>", text)
+        if count != 1:
+            raise ValueError(f"config.pbtxt has no single {key} parameter")
+    return text
+
+
+def prepare_repository(target: Path, profile: SimProfile, source: Path = REPOSITORY) -> Path:
+    """Copy ``source`` to ``target`` (replacing it) with ``profile`` in the model's config; returns ``target``."""
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
+    config = target / MODEL_NAME / "config.pbtxt"
+    config.write_text(with_profile(config.read_text(), profile))
+    return target

@@ -1,0 +1,194 @@
+"""The product worker (``tritonq run``) as a child process, and sampling it while it works.
+
+The worker runs as its own process, started by ``worker.cli.spawn_worker`` as
+in a pod, so its CPU time and peak memory (``bench.procstat``) are its own and
+not the benchmark's. While it works, ``watch`` scrapes its ``/metrics`` a few
+times a second for the jobs it has finished and reads its CPU time at the same
+moment: the samples give steady-state CPU per job (start-up left out) and drive
+the progress bar. A scrape costs the worker well under a millisecond of CPU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+from bench import procstat, stats
+from worker.cli import spawn_worker
+
+#: Seconds the worker may take to start and report ready (imports, Triton catalog, subscriber).
+READY_TIMEOUT_S = 120.0
+#: Seconds the worker gets to drain and exit after SIGTERM before it is killed.
+STOP_TIMEOUT_S = 60.0
+#: Seconds between scrapes of the worker's metrics while it works.
+SAMPLE_INTERVAL_S = 0.25
+
+
+class WorkerFailed(RuntimeError):
+    """The worker exited, or did not finish its jobs in time."""
+
+
+#: Seconds between scrapes until the worker takes its first message: the CPU it has
+#: spent by then is its start-up, the baseline of the run's CPU per job.
+BASELINE_INTERVAL_S = 0.05
+#: Seconds without a job finished (start-up included), while jobs remain, after which the run is abandoned.
+STALL_S = 60.0
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One scrape: when, jobs finished so far, messages taken so far, nacks, the worker's CPU seconds."""
+
+    at: float  # time.monotonic()
+    done: float
+    busy: float  # messages held plus jobs in flight now
+    nacked: float
+    cpu_s: float
+
+
+def baseline_cpu_s(samples: Sequence[Sample]) -> float | None:
+    """CPU seconds at the last sample before the worker held its first message (``None``: none was taken)."""
+    baseline = None
+    for sample in samples:
+        if sample.busy or sample.done:
+            return baseline
+        baseline = sample.cpu_s
+    return baseline
+
+
+class WorkerProcess:
+    """``tritonq run`` with ``env``; a context manager that always stops it."""
+
+    def __init__(self, env: Mapping[str, str], log_path: Path, http_port: int) -> None:
+        self._env = dict(env)
+        self._log_path = log_path
+        self._base = f"http://127.0.0.1:{http_port}"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> WorkerProcess:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    @property
+    def log_path(self) -> Path:
+        return self._log_path
+
+    @property
+    def pid(self) -> int:
+        if self._proc is None:
+            raise RuntimeError("worker not started")
+        return self._proc.pid
+
+    @property
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self) -> None:
+        if self._proc is not None:
+            raise RuntimeError("worker already started")
+        self._proc = spawn_worker(self._env, self._log_path)
+
+    def stop(self) -> None:
+        """SIGTERM (the worker drains and exits), then SIGKILL past the timeout; idempotent."""
+        if self._proc is None:
+            return
+        proc, self._proc = self._proc, None
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not self.alive:
+                raise WorkerFailed(f"worker exited before it was ready; see {self._log_path}")
+            with (
+                contextlib.suppress(OSError, urllib.error.URLError),
+                urllib.request.urlopen(f"{self._base}/readyz", timeout=2) as response,
+            ):
+                if response.status == 200:
+                    return
+            time.sleep(0.1)
+        raise WorkerFailed(f"worker not ready after {timeout_s:.0f} s; see {self._log_path}")
+
+    def wait_metrics(self, timeout_s: float = READY_TIMEOUT_S) -> None:
+        """Wait until the worker's HTTP server answers (the first thing it starts)."""
+        deadline = time.monotonic() + timeout_s
+        while self.sample() is None:
+            if not self.alive or time.monotonic() > deadline:
+                raise WorkerFailed(f"worker's metrics never answered; see {self._log_path}")
+            time.sleep(0.05)
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"{self._base}/metrics", timeout=5) as response:
+            text: str = response.read().decode()
+            return text
+
+    def cpu_seconds(self) -> float:
+        return procstat.cpu_seconds(self.pid)
+
+    def peak_rss_mb(self) -> float:
+        return procstat.peak_rss_bytes(self.pid) / 2**20
+
+    def sample(self) -> Sample | None:
+        """Jobs finished and CPU now; ``None`` while the metrics endpoint does not answer yet."""
+        try:
+            text = self.metrics()
+        except (OSError, urllib.error.URLError):
+            return None
+        return Sample(
+            at=time.monotonic(),
+            done=sum(stats.jobs_finished(text).values()),
+            busy=stats.metric_sum(text, "tritonq_messages_held") + stats.metric_sum(text, "tritonq_jobs_in_flight"),
+            nacked=stats.metric_sum(text, "tritonq_jobs_total", {"outcome": "nacked"}),
+            cpu_s=self.cpu_seconds(),
+        )
+
+
+async def watch(worker: WorkerProcess, total: int, timeout_s: float, progress: Callable[[int], None]) -> list[Sample]:
+    """Sample the worker until it has finished ``total`` jobs.
+
+    Scrapes quickly until the worker takes its first message (see ``baseline_cpu_s``),
+    then every ``SAMPLE_INTERVAL_S``. ``WorkerFailed`` if the worker dies, nacks
+    as many jobs as there are, finishes none for ``STALL_S``, or runs out of time.
+    """
+    samples: list[Sample] = []
+    deadline = time.monotonic() + timeout_s
+    shown = 0
+    progressed = time.monotonic()
+    while True:
+        if not worker.alive:
+            raise WorkerFailed(f"worker exited while it had jobs to do; see {worker.log_path}")
+        sample = await asyncio.to_thread(worker.sample)
+        now = time.monotonic()
+        if sample is not None:
+            samples.append(sample)
+            if int(sample.done) > shown:
+                progress(int(sample.done) - shown)
+                shown, progressed = int(sample.done), now
+            if sample.done >= total:
+                return samples
+            if sample.nacked >= total:
+                raise WorkerFailed(f"worker nacked {sample.nacked:.0f} jobs; see {worker.log_path}")
+        if now > deadline or now - progressed > STALL_S:
+            raise WorkerFailed(f"worker finished {shown}/{total} jobs; see {worker.log_path}")
+        taking = bool(samples) and (samples[-1].busy or samples[-1].done)
+        await asyncio.sleep(SAMPLE_INTERVAL_S if taking else BASELINE_INTERVAL_S)

@@ -1,0 +1,221 @@
+"""The benchmark's pure parts: numbers, metric parsing, /proc parsing, the profile, the report, the plot."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from bench import plot, procstat, profiler, report, stats
+from bench.sim_model import MODEL_NAME, REPOSITORY, SimProfile, read_config, with_profile
+from bench.worker_proc import Sample, baseline_cpu_s
+from bench.workload import JobTiming
+from worker.jobs import JobResult
+
+WORKER_METRICS = """\
+# HELP tritonq_jobs_total Jobs finished.
+# TYPE tritonq_jobs_total counter
+tritonq_jobs_total{model="sim_gpu",outcome="succeeded",version="1"} 1990.0
+tritonq_jobs_total{model="sim_gpu",outcome="retried",version="1"} 4.0
+tritonq_jobs_total{model="unknown",outcome="failed_permanent",version="default"} 3.0
+tritonq_jobs_created{model="sim_gpu",outcome="succeeded",version="1"} 1.7e+09
+"""
+TRITON_METRICS = """\
+nv_inference_count{model="sim_gpu",version="1"} 2000
+nv_inference_exec_count{model="sim_gpu",version="1"} 160
+nv_inference_count{model="sim_gpu_other",version="1"} 7
+"""
+
+
+def test_percentile_interpolates_like_numpy() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert stats.percentile(values, 50) == pytest.approx(50.5)
+    assert stats.percentile(values, 99) == pytest.approx(99.01)
+    assert stats.percentile([3.0], 95) == 3.0
+    with pytest.raises(ValueError):
+        stats.percentile([], 50)
+
+
+def test_summarize() -> None:
+    assert stats.summarize([]) is None
+    summary = stats.summarize([10.0, 20.0, 30.0, 40.0])
+    assert summary == {"p50": 25.0, "p95": 38.5, "p99": 39.7, "mean": 25.0}
+
+
+def test_metric_sum_filters_by_name_and_labels() -> None:
+    assert stats.metric_sum(WORKER_METRICS, "tritonq_jobs_total") == 1997.0
+    assert stats.metric_sum(WORKER_METRICS, "tritonq_jobs_total", {"outcome": "succeeded"}) == 1990.0
+    assert stats.jobs_finished(WORKER_METRICS) == {"succeeded": 1990.0, "failed_permanent": 3.0, "duplicate": 0.0}
+
+
+def test_triton_counts_average_batch() -> None:
+    before = stats.TritonCounts(inferences=0, executions=0)
+    after = stats.TritonCounts.parse(TRITON_METRICS, "sim_gpu")
+    assert after == stats.TritonCounts(2000, 160)
+    assert (after - before).avg_batch == 12.5
+    assert stats.TritonCounts(0, 0).avg_batch is None
+
+
+def test_batch_histogram_and_delta() -> None:
+    def snapshot(counts: dict[int, int]) -> dict[str, Any]:
+        entries = [{"batch_size": size, "compute_infer": {"count": n, "ns": 1}} for size, n in counts.items()]
+        return {"model_stats": [{"name": MODEL_NAME, "batch_stats": entries}]}
+
+    before = stats.batch_histogram(snapshot({1: 3, 16: 10}))
+    after = stats.batch_histogram(snapshot({1: 3, 8: 2, 16: 40}))
+    assert stats.histogram_delta(after, before) == {8: 2, 16: 30}
+
+
+def test_steady_rate_leaves_out_start_and_tail() -> None:
+    # 2 CPU seconds of start-up, then 5 ms per job.
+    samples = [(0.0, 2.0)] + [(float(d), 2.0 + d * 0.005) for d in range(50, 1001, 50)]
+    assert stats.steady_rate(samples, 1000) == pytest.approx(0.005)
+    assert stats.steady_rate([(0.0, 1.0)], 1000) is None
+
+
+def test_proc_parsers() -> None:
+    # A command name with a space and a parenthesis, as /proc allows.
+    stat = "4242 (python (x) 3) S 1 4242 4242 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 9 0 1000 0 0"
+    assert procstat.parse_cpu_seconds(stat, ticks_per_s=100) == 3.0
+    status = "Name:\tpython\nVmPeak:\t  400000 kB\nVmHWM:\t  170000 kB\nVmRSS:\t  160000 kB\n"
+    assert procstat.parse_peak_rss_bytes(status) == 170000 * 1024
+    with pytest.raises(ValueError):
+        procstat.parse_peak_rss_bytes("Name:\tpython\n")
+
+
+def test_sim_profile_parse_and_config() -> None:
+    assert SimProfile.parse("60+1") == SimProfile(60.0, 1.0)
+    assert SimProfile.parse("8") == SimProfile(8.0, 0.0)
+    assert SimProfile(60, 1).batch_ms(16) == 76.0
+    for bad in ("fast", "-1+2"):
+        with pytest.raises(ValueError):
+            SimProfile.parse(bad)
+    text = (REPOSITORY / MODEL_NAME / "config.pbtxt").read_text()
+    config = read_config(text)
+    assert config.max_batch_size == 16
+    assert config.preferred_batch_sizes == (8, 16)
+    assert config.queue_delay_ms == 5.0
+    changed = with_profile(text, SimProfile(7.5, 0.25))
+    assert 'key: "fixed_ms"\n  value { string_value: "7.5" }' in changed
+    assert 'key: "per_image_ms"\n  value { string_value: "0.25" }' in changed
+    with pytest.raises(ValueError):
+        with_profile("max_batch_size: 4\n", SimProfile())
+
+
+def test_job_timing_from_a_record() -> None:
+    result = JobResult(
+        job_id="main-00001",
+        status=JobResult.SUCCEEDED,
+        finished_at="2026-01-01T00:00:10.000Z",
+        latency_ms=900.0,
+        timings_ms={"fetch": 100.0, "infer": 300.0, "write": 100.0},
+    )
+    timing = JobTiming.of(result)
+    assert timing.succeeded
+    assert timing.service_ms == 500.0
+    assert timing.finished_at - timing.started_at == pytest.approx(0.5)
+
+
+def measured_doc() -> dict[str, Any]:
+    return {
+        "command": "python -m bench",
+        "jobs": 2000,
+        "image_px": 256,
+        "machine": {"cpus": 2},
+        "sim_profile": {"fixed_ms": 60.0, "per_image_ms": 1.0, "text": "60 ms + 1 ms/image", "queue_delay_ms": 5.0},
+        "max_batch_size": 16,
+        "e2e_jobs_per_s": 120.0,
+        "naive_jobs_per_s": 12.0,
+        "worker_cpu_ms_per_job": 3.0,
+        "floor_cpu_ms_per_job": 1.5,
+        "avg_batch_size": 12.0,
+        "low_rate_latency_ms": {"p50": 90.0, "p95": 100.0, "p99": 110.0},
+        "ceiling_infer_per_s": 150.0,
+        "ceiling_storage_jobs_per_s": 300.0,
+        "ceiling_pubsub_msgs_per_s": 1500.0,
+        "large": {"payload_cpu_ms_per_job": 20.0, "shm_cpu_ms_per_job": None},
+        "sweep": [{"max_in_flight": 8, "jobs": 400, "jobs_per_s": 40.0, "service_ms": {"p50": 100.0, "p99": 200.0}}],
+        "notes": ["a note"],
+    }
+
+
+def test_derive_ratios_and_targets() -> None:
+    doc = report.derive(measured_doc())
+    assert doc["speedup_vs_naive"] == 10.0
+    assert doc["overhead_ratio"] == 2.0
+    assert doc["slowest_ceiling"] == "infer"
+    assert doc["e2e_vs_ceiling"] == 0.8
+    assert doc["low_rate_target_ms"] == 92.5
+    met = {t["figure"]: t["met"] for t in doc["targets"]}
+    assert met == {
+        "speedup_vs_naive": True,
+        "e2e_vs_ceiling": True,
+        "avg_batch_size": True,
+        "overhead_ratio": False,
+        "low_rate_latency_ms.p50": True,
+        "large.shm_cpu_cut": None,
+    }
+
+
+def test_derive_with_nothing_measured() -> None:
+    doc = report.derive({"errors": {"stack": "did not start"}})
+    assert doc["speedup_vs_naive"] is None and doc["e2e_vs_ceiling"] is None
+    assert all(t["met"] is None for t in doc["targets"])
+    assert "n/a" in report.table(doc)
+
+
+def test_table_and_markdown() -> None:
+    doc = report.derive(measured_doc())
+    table = report.table(doc)
+    lines = table.splitlines()
+    assert len({len(line) for line in lines}) == 1  # aligned columns
+    assert "| speedup_vs_naive" in table and ">= 8.00 (met)" in table
+    assert "<= 1.50 (MISSED)" in table
+    assert "90 / 100 / 110 ms" in table
+    markdown = report.markdown(doc, "bench.png")
+    assert "![throughput and p99 latency" in markdown
+    assert "| 8 | 400 | 40.00 | 100 / 200 |" in markdown
+    assert "- a note" in markdown
+
+
+def test_plot_is_a_png() -> None:
+    png = plot.render([8, 16, 32, 64], [40.0, 70.0, 100.0, 110.0], [150.0, 220.0, 400.0, 800.0], "title")
+    with Image.open(io.BytesIO(png)) as image:
+        assert image.format == "PNG"
+        assert image.size == (plot.WIDTH, plot.HEIGHT)
+    with pytest.raises(ValueError):
+        plot.render([8], [1.0, 2.0], [1.0], "mismatch")
+
+
+def test_hottest_functions_from_collapsed_stacks() -> None:
+    collapsed = "\n".join(
+        [
+            "process 1:main;run (worker/service.py:10);encode (worker/images.py:100) 30",
+            "process 1:main;run (worker/service.py:10);decode (worker/images.py:50) 50",
+            "process 1:main;run (worker/service.py:10) 20",
+            "garbage line",
+        ]
+    )
+    own, inclusive = profiler.hottest(collapsed, top=2)
+    assert [(h.function, h.share) for h in own] == [
+        ("decode (worker/images.py)", 0.5),
+        ("encode (worker/images.py)", 0.3),
+    ]
+    assert inclusive[0].function == "run (worker/service.py)" and inclusive[0].share == 1.0
+    assert [h.function for h in inclusive[1:]] == ["decode (worker/images.py)"]
+
+
+def test_process_group_of_a_stat_line() -> None:
+    stat = "4242 (tritonserver) S 1 4200 4200 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 9 0 1000 0 0"
+    assert procstat.parse_pgid(stat) == 4200
+
+
+def test_cpu_baseline_is_the_last_sample_before_the_first_message() -> None:
+    def sample(busy: float, done: float, cpu_s: float) -> Sample:
+        return Sample(at=0.0, done=done, busy=busy, nacked=0.0, cpu_s=cpu_s)
+
+    samples = [sample(0, 0, 1.2), sample(0, 0, 1.5), sample(64, 0, 1.6), sample(64, 10, 1.9)]
+    assert baseline_cpu_s(samples) == 1.5
+    assert baseline_cpu_s([sample(64, 0, 1.6)]) is None
