@@ -121,8 +121,13 @@ class JobClient:
         return build_job(model, input_uri=await self.upload(path, job_id), job_id=job_id, **options)
 
     async def publish(self, job: ImageJob, attributes: Mapping[str, str] | None = None) -> str:
-        """Publish one job; returns the Pub/Sub message id."""
-        future = self._publisher.publish(self.settings.topic_path, encode_job(job), **dict(attributes or {}))
+        """Publish one job; returns the Pub/Sub message id.
+
+        The job's priority is also set as the ``priority`` attribute: the worker orders the jobs it
+        holds by it without decoding them.
+        """
+        extra = {"priority": job.priority.lower()} if job.priority else {}
+        future = self._publisher.publish(self.settings.topic_path, encode_job(job), **extra, **dict(attributes or {}))
         message_id: str = await asyncio.wrap_future(future)
         return message_id
 

@@ -21,6 +21,8 @@ off the consumer's queue, so the number of jobs in progress is one number.
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -89,6 +91,28 @@ async def retrying(
             log.info("retrying", step=what, attempt=attempt, delay_s=round(delay, 3), error=str(exc))
             await asyncio.sleep(delay)
     raise AssertionError("unreachable")
+
+
+class DeliveryQueue(asyncio.Queue[Delivery]):
+    """The hand-off from the consumer to the pipeline: by the job's priority, then by arrival.
+
+    The priority comes from the message's ``priority`` attribute (``tritonq publish`` and
+    ``JobClient`` set it from the job), so ordering needs no decoding on the consumer's thread.
+    Triton's own priority orders what is already in its queue; this orders what the worker
+    holds but has not started, so a high-priority job overtakes a held backlog too.
+    """
+
+    # The same hooks asyncio.PriorityQueue overrides; ``_queue`` is the name the base class reads.
+    def _init(self, maxsize: int) -> None:
+        self._queue: list[tuple[int, int, Delivery]] = []
+        self._arrivals = itertools.count()
+
+    def _put(self, item: Delivery) -> None:
+        rank = jobs.PRIORITIES.get(item.attributes.get("priority", "").lower(), jobs.PRIORITIES["normal"])
+        heapq.heappush(self._queue, (rank, next(self._arrivals), item))
+
+    def _get(self) -> Delivery:
+        return heapq.heappop(self._queue)[2]
 
 
 class Pipeline:

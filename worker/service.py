@@ -24,7 +24,7 @@ from worker.config import Settings
 from worker.consumer import Consumer, Delivery
 from worker.errors import TransientError
 from worker.images import configure_pillow
-from worker.pipeline import Pipeline
+from worker.pipeline import DeliveryQueue, Pipeline
 from worker.results import ResultsPublisher
 from worker.server import HttpServer
 from worker.shm import ShmPool
@@ -43,7 +43,7 @@ class Worker:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.queue: asyncio.Queue[Delivery] = asyncio.Queue(maxsize=settings.max_messages)
+        self.queue: asyncio.Queue[Delivery] = DeliveryQueue(maxsize=settings.max_messages)
         self.executor = ThreadPoolExecutor(max_workers=settings.thread_count, thread_name_prefix="image")
         self.control = TritonControl(settings.triton_url)
         self.catalog = Catalog(self.control)

@@ -204,3 +204,18 @@ async def test_cancellation_nacks_and_propagates() -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert (message.acks, d.nacked) == (0, True)
+
+
+async def test_held_deliveries_are_handed_out_by_priority_then_arrival() -> None:
+    from worker.pipeline import DeliveryQueue
+
+    queue = DeliveryQueue(maxsize=10)
+    for name, priority in [("a", "low"), ("b", ""), ("c", "high"), ("d", "low"), ("e", "HIGH")]:
+        d, _ = delivery(name.encode())
+        d.attributes = {"priority": priority} if priority else {}
+        queue.put_nowait(d)
+    assert queue.qsize() == 5
+    assert not queue.empty()
+    order = [(await queue.get()).data.decode() for _ in range(5)]
+    assert order == ["c", "e", "b", "a", "d"]
+    assert queue.empty()
