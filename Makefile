@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PROFILE ?= cpu
 
-.PHONY: demo test lint proto proto-check install unit integration clean settings-table models models-check bench chaos smoke
+.PHONY: demo test lint proto proto-check install unit integration clean settings-table models models-check bench bench-priority chaos smoke
 
 $(BIN)/tritonq: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -56,6 +56,10 @@ models-check: install
 # The benchmark (not a test): real emulators and Triton, a simulated T4 model; writes build/bench.{json,md,png}.
 bench: install
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+# Issue 8's figure: 20 high-priority jobs against a 1,000-job low-priority backlog; writes build/priority.json.
+bench-priority: install
+	$(BIN)/python -m bench.priority
 
 # The seed's smoke test against whatever the settings point at (compose, or GKE through a port-forward).
 smoke: install
