@@ -89,6 +89,12 @@ class Settings(BaseSettings):
         description="Image sides are padded up to one of these (comma-separated, px), so images of many sizes "
         "share Triton batches; outputs are cropped back. Empty disables padding.",
     )
+    triton_queue_batches: int = Field(
+        2,
+        ge=1,
+        description="Requests one model may have in Triton at once, in multiples of its `max_batch_size`: "
+        "enough for full batches, few enough that the worker can group the rest by shape.",
+    )
     preprocess_threads: int = Field(0, ge=0, description="Threads for image decode/encode; 0 means one per CPU core.")
 
     # Retries and shutdown.

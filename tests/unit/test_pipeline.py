@@ -219,3 +219,44 @@ async def test_held_deliveries_are_handed_out_by_priority_then_arrival() -> None
     order = [(await queue.get()).data.decode() for _ in range(5)]
     assert order == ["c", "e", "b", "a", "d"]
     assert queue.empty()
+
+
+async def test_admission_sends_one_shape_at_a_time_past_a_quarter_batch() -> None:
+    from worker.pipeline import Admission
+
+    gate = Admission(batch=8, limit=16)
+    a, b = (1, 64, 64, 3), (1, 32, 64, 3)
+    admitted: list[str] = []
+
+    async def request(name: str, shape: tuple[int, ...], priority: int = 0) -> None:
+        await gate.acquire(shape, priority)
+        admitted.append(name)
+
+    # Two of any shape go straight in (a quarter of the batch); past that only the shape admitted last.
+    for i in range(4):
+        await request(f"a{i}", a)
+    tasks = [asyncio.create_task(request(f"b{i}", b)) for i in range(3)]
+    tasks.append(asyncio.create_task(request("b-high", b, priority=1)))
+    await asyncio.sleep(0)
+    assert admitted == ["a0", "a1", "a2", "a3"]
+    assert gate.waiting == 4
+    for _ in range(4):
+        gate.release()  # the a's come back: the model is quiet, the b's may go
+    await asyncio.gather(*tasks)
+    assert admitted[4] == "b-high"  # higher priority first
+    assert sorted(admitted[5:]) == ["b0", "b1", "b2"]
+    assert gate.waiting == 0
+
+
+async def test_admission_hands_the_slot_on_when_a_waiter_is_cancelled() -> None:
+    from worker.pipeline import Admission
+
+    gate = Admission(batch=4, limit=4)
+    for _ in range(4):
+        await gate.acquire((1,), 0)
+    waiter = asyncio.create_task(gate.acquire((1,), 0))
+    await asyncio.sleep(0)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert gate.waiting == 0
