@@ -30,7 +30,7 @@ integration: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy worker bench
+	$(BIN)/mypy worker bench chaos
 
 # Generated code is reproducible from protos/job.proto; proto-check fails when it is stale.
 proto: install
@@ -60,6 +60,11 @@ bench: install
 # Issue 8's figure: 20 high-priority jobs against a 1,000-job low-priority backlog; writes build/priority.json.
 bench-priority: install
 	$(BIN)/python -m bench.priority
+
+# Fault injection on the real stack (worker SIGKILLed, Triton restarted, storage cut, bad input, SIGTERM,
+# a 5,000-message backlog); writes build/chaos.json.
+chaos: install
+	$(BIN)/python -m chaos
 
 # The seed's smoke test against whatever the settings point at (compose, or GKE through a port-forward).
 smoke: install

@@ -44,6 +44,21 @@ from worker import telemetry
 
 log = structlog.get_logger(__name__)
 
+#: Seconds one lease extension lasts (the client's ``max_duration_per_lease_extension``,
+#: which also sets the streaming pull's ack deadline). Leases are renewed before
+#: this runs out, up to ``max_lease_duration``; what it bounds is how long the
+#: messages of a worker that died (SIGKILL, OOM, node loss) stay invisible.
+#: Unset, the client stretches each extension to its ack-time p99, which with a
+#: backlog reaches minutes; on the emulator a killed worker's messages then
+#: waited 60 s or more (never, within 150 s, with a dead-letter policy). 10 s,
+#: the least allowed, brought them back in about 9 s. The price, measured: the
+#: client renews at a random point up to 90% of the extension, so with 5,000
+#: messages on hold (the emulator ignores the stream's flow control) some
+#: renewals came late and those copies were redelivered and dead-lettered,
+#: while the worker still finished every job once. 30 s removed that but made
+#: the crash scenarios wait for half-minute leases (and flaky on the emulator).
+LEASE_EXTENSION_S = 10
+
 #: Seconds a nacked message is held before it is handed back, on its first
 #: delivery; doubled on each later one. Attempts 1 to 4 wait 2, 4, 8 and 16 s,
 #: so a message meets a fifth delivery (the default dead-letter threshold) only
@@ -127,6 +142,7 @@ class Consumer:
             max_messages=max_messages,
             max_bytes=max_bytes,
             max_lease_duration=int(max_lease_duration_s),
+            max_duration_per_lease_extension=LEASE_EXTENSION_S,
         )
         # One thread per message held: each callback waits for its message to be settled.
         self._executor = ThreadPoolExecutor(max_workers=max_messages + 2, thread_name_prefix="pubsub-callback")
@@ -161,8 +177,16 @@ class Consumer:
         delivery = Delivery.from_message(message)
         assert self._loop is not None
         with self._lock:
-            self._held[id(delivery)] = delivery
-            telemetry.MESSAGES_HELD.set(len(self._held))
+            # Once stopping, nothing new is taken on: the client still dispatches what it had
+            # on hold, and a message queued after the pipeline stopped would never be settled,
+            # blocking this thread and with it the client's close (the SIGTERM scenario hung so).
+            stopping = self._stopping.is_set()
+            if not stopping:
+                self._held[id(delivery)] = delivery
+                telemetry.MESSAGES_HELD.set(len(self._held))
+        if stopping:
+            message.nack()
+            return
         try:
             self._loop.call_soon_threadsafe(self._queue.put_nowait, delivery)
         except RuntimeError:
@@ -194,7 +218,8 @@ class Consumer:
 
     def stop_pulling(self) -> None:
         """Stop receiving; held messages stay held until the pipeline settles them."""
-        self._stopping.set()
+        with self._lock:
+            self._stopping.set()
         if self._future is not None and self.running:
             self._future.cancel()
         self.running = False

@@ -336,10 +336,16 @@ class Stack:
 def provision_pubsub(settings: Settings, emulator_host: str | None = None, *, dead_letter: bool = True) -> None:
     """Create the jobs topic, dead-letter topic and subscription if missing (idempotent).
 
-    ``dead_letter=False`` leaves the dead-letter policy off the subscription:
-    only for the worker-crash fault test, because the emulator never redelivers
-    a message whose lease expired (its holder was killed) on a subscription
-    with a dead-letter policy; nacked messages it does redeliver.
+    The subscription has a dead-letter policy and no retry policy: the worker
+    spaces redeliveries itself (it holds a nacked message for a backoff,
+    ``worker/consumer.py``), and Google's emulator, given both a retry and a
+    dead-letter policy, never redelivers a message whose holder died or whose
+    stream closed (measured while writing the chaos scenarios), which would
+    turn every worker crash or restart into lost jobs in the tests.
+    ``dead_letter=False`` leaves the dead-letter policy off too, for the fault
+    scenarios that stop workers: with one, the emulator also never redelivers a
+    message orphaned twice (redelivered, then its second holder killed), nor
+    one nacked after its stream closed (a SIGTERM), as real Pub/Sub does.
     """
     from google.api_core import exceptions
     from google.cloud import pubsub_v1
@@ -360,7 +366,6 @@ def provision_pubsub(settings: Settings, emulator_host: str | None = None, *, de
             "topic": settings.topic_path,
             # Long enough for a GPU batch; the client extends leases beyond it.
             "ack_deadline_seconds": 60,
-            "retry_policy": {"minimum_backoff": {"seconds": 1}, "maximum_backoff": {"seconds": 60}},
         }
         if dead_letter:
             request["dead_letter_policy"] = {

@@ -1,0 +1,244 @@
+"""The fault scenarios of issue 4, each a coroutine that runs on the real stack and returns its ``Report``.
+
+Sizes are arguments: ``python -m chaos`` runs the full ones (1,000 jobs and
+three SIGKILLs, a 5,000-message backlog), ``tests/integration/test_faults.py``
+the same code with small ones. Faults are triggered by progress (a share of
+the jobs succeeded, read from GCS) plus a random delay, so they land while
+jobs are in flight, and every wait has a deadline. Every scenario stops what
+it started, whatever happens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from pathlib import Path
+
+from chaos.harness import BAD_KINDS, Report, Run
+from chaos.proxy import FaultProxy
+from worker.stack import Stack, Triton
+
+#: Seconds a worker gets to exit after SIGTERM beyond its grace period: the
+#: interpreter's own exit (threads, gRPC channels) on a loaded 2-core machine.
+EXIT_SLACK_S = 10.0
+
+
+def settle_timeout_s(jobs: int) -> float:
+    """A generous deadline for ``jobs`` to finish on 2 cores, redeliveries included."""
+    return 90.0 + jobs * 0.15
+
+
+async def worker_killed(stack: Stack, workdir: Path, *, jobs: int = 1000, kills: int = 3, seed: int = 1) -> Report:
+    """Scenario 1: SIGKILL the worker ``kills`` times at random moments while ``jobs`` run; restart it each time."""
+    rng = random.Random(seed)
+    # Without a dead-letter policy: with one, the emulator never redelivers a message
+    # orphaned twice (redelivered after one kill, its holder killed again); see worker/stack.py.
+    run = Run(stack, "worker_killed", workdir, dead_letter=False, max_in_flight=32, max_messages=64)
+    await run.setup()
+    async with run.client() as client:
+        good = run.good_jobs(jobs, await run.inputs(client))
+        await run.publish(client, good, [], seed=seed)
+    # Kill points: random shares of the run, apart from each other, all before the end.
+    thresholds = sorted(rng.uniform(0.1, 0.8) for _ in range(kills))
+    worker = run.worker()
+    kill_log: list[dict[str, float]] = []
+    try:
+        worker.start()
+        await worker.wait_ready()
+        done = 0
+        for threshold in thresholds:
+            # Kill only a worker that is working: past the threshold and past its own first job.
+            await run.wait_progress(max(int(threshold * jobs), done + 1), settle_timeout_s(jobs), alive=worker)
+            await asyncio.sleep(rng.uniform(0.0, 0.5))  # a random moment, not a stage boundary
+            done = await run.succeeded()
+            worker.kill()
+            kill_log.append({"after_succeeded": done})
+            worker.start()
+            await worker.wait_ready()
+        await run.settle(settle_timeout_s(jobs), alive=worker)
+        code, _ = await worker.terminate(60)
+    finally:
+        run.stop_workers()
+    return await run.report(kills=kill_log, last_exit_code=code)
+
+
+async def triton_restarted(stack: Stack, workdir: Path, triton: Triton, *, jobs: int = 300, seed: int = 2) -> Report:
+    """Scenario 2: kill Triton mid-run and start it again on the same ports; nothing may be lost."""
+    run = Run(stack, "triton_restarted", workdir, triton_url=triton.grpc_url)
+    await run.setup()
+    async with run.client() as client:
+        good = run.good_jobs(jobs, await run.inputs(client))
+        await run.publish(client, good, [], seed=seed)
+    worker = run.worker()
+    try:
+        worker.start()
+        await worker.wait_ready()
+        await run.wait_progress(jobs // 4, settle_timeout_s(jobs), alive=worker)
+        done_at_kill = await run.succeeded()
+        triton.kill()
+        restart_started = asyncio.get_running_loop().time()
+        await asyncio.to_thread(triton.start)
+        restart_s = asyncio.get_running_loop().time() - restart_started
+        await run.settle(settle_timeout_s(jobs), alive=worker)
+        alive = worker.running
+        code, _ = await worker.terminate(60)
+    finally:
+        run.stop_workers()
+        if not triton.running:
+            triton.start()
+    reconnects = sum(1 for line in worker.log_lines() if line.get("message") == "triton_stream_reconnecting")
+    return await run.report(
+        succeeded_at_kill=done_at_kill,
+        triton_down_s=round(restart_s, 1),
+        stream_reconnects=reconnects,
+        worker_survived=alive,
+        last_exit_code=code,
+    )
+
+
+async def storage_outage(
+    stack: Stack, workdir: Path, *, jobs: int = 300, outage_s: float = 10.0, seed: int = 3
+) -> Report:
+    """Scenario 3: storage unreachable for ``outage_s`` mid-run (connections refused and reset), then back."""
+    host, _, port = stack.gcs.url.removeprefix("http://").partition(":")
+    proxy = FaultProxy(host, int(port))
+    proxy.start()
+    try:
+        run = Run(stack, "storage_outage", workdir, storage_url=proxy.url)
+        await run.setup()
+        async with run.client() as client:
+            good = run.good_jobs(jobs, await run.inputs(client))
+            await run.publish(client, good, [], seed=seed)
+        worker = run.worker()
+        try:
+            worker.start()
+            await worker.wait_ready()
+            await run.wait_progress(jobs // 4, settle_timeout_s(jobs), alive=worker)
+            done_at_cut = await run.succeeded()
+            proxy.cut()
+            loop = asyncio.get_running_loop()
+            cut_at = loop.time()
+            # The outage is the fault itself, not a synchronisation guess: storage stays down this long.
+            await asyncio.sleep(outage_s)
+            done_during = await run.succeeded()
+            proxy.restore()
+            down_s = loop.time() - cut_at
+            await run.settle(settle_timeout_s(jobs), alive=worker)
+            alive = worker.running
+            code, _ = await worker.terminate(60)
+        finally:
+            run.stop_workers()
+    finally:
+        proxy.stop()
+    nacked = sum(1 for line in worker.log_lines() if line.get("message") == "job_nacked")
+    return await run.report(
+        succeeded_at_cut=done_at_cut,
+        succeeded_during_outage=done_during - done_at_cut,
+        storage_down_s=round(down_s, 1),
+        nacks=nacked,
+        worker_survived=alive,
+        last_exit_code=code,
+    )
+
+
+async def bad_messages(
+    stack: Stack, workdir: Path, *, jobs: int = 900, bad_share: float = 0.1, seed: int = 4
+) -> Report:
+    """Scenario 4: ``bad_share`` of all messages are bad, of every kind; good work goes on, the worker never exits."""
+    run = Run(stack, "bad_messages", workdir)
+    await run.setup()
+    bad_count = max(len(BAD_KINDS), round(jobs * bad_share / (1 - bad_share)))
+    async with run.client() as client:
+        uris = await run.inputs(client)
+        good = run.good_jobs(jobs, uris)
+        bad = await run.bad_messages(client, bad_count, uris)
+        await run.publish(client, good, bad, seed=seed)
+    worker = run.worker()
+    try:
+        worker.start()
+        await worker.wait_ready()
+        await run.settle(settle_timeout_s(jobs + bad_count), alive=worker)
+        alive = worker.running
+        code, _ = await worker.terminate(60)
+    finally:
+        run.stop_workers()
+    return await run.report(worker_survived=alive, last_exit_code=code)
+
+
+async def sigterm(
+    stack: Stack,
+    workdir: Path,
+    *,
+    jobs: int = 300,
+    grace_s: float = 2.0,
+    image_size: tuple[int, int] = (512, 512),
+    seed: int = 5,
+) -> Report:
+    """Scenario 5: SIGTERM mid-run exits 0 within the grace period; what it did not finish, a second worker does.
+
+    Larger images than the other scenarios, so that jobs are still queued in
+    Triton when the grace period ends and the cancel-and-nack path runs too.
+    """
+    # Without a dead-letter policy, as in worker_killed: with one, the emulator drops the
+    # nacks sent after the stream closed (shutdown) and never redelivers those messages.
+    run = Run(stack, "sigterm", workdir, dead_letter=False, image_size=image_size, shutdown_grace_s=grace_s)
+    await run.setup()
+    async with run.client() as client:
+        good = run.good_jobs(jobs, await run.inputs(client))
+        await run.publish(client, good, [], seed=seed)
+    first = run.worker("first")
+    second = run.worker("second")
+    try:
+        first.start()
+        await first.wait_ready()
+        await run.wait_progress(max(1, jobs // 10), settle_timeout_s(jobs), alive=first)
+        code, exit_s = await first.terminate(grace_s + EXIT_SLACK_S)
+        done_by_first = await run.succeeded()
+        second.start()
+        await second.wait_ready()
+        await run.settle(settle_timeout_s(jobs), alive=second)
+        second_code, _ = await second.terminate(60)
+    finally:
+        run.stop_workers()
+    lines = first.log_lines()
+    stopped = [line for line in lines if line.get("message") == "worker_stopped"]
+    return await run.report(
+        grace_period_over=any(line.get("message") == "grace_period_over" for line in lines),
+        exit_code=code,
+        exit_s=round(exit_s, 2),
+        grace_s=grace_s,
+        done_by_first=done_by_first,
+        nacked_at_stop=stopped[-1].get("nacked") if stopped else None,
+        second_exit_code=second_code,
+    )
+
+
+async def backlog_memory(
+    stack: Stack, workdir: Path, *, backlog: int = 5000, drain: int | None = None, seed: int = 6
+) -> Report:
+    """Bounded memory: ``backlog`` inline-payload jobs wait before the worker starts; peak RSS is reported.
+
+    ``drain`` stops the worker (SIGTERM) after that many succeeded, for a short
+    test; the rest stays in the subscription, so ``lost`` is then not meaningful.
+    """
+    run = Run(stack, "backlog_memory", workdir)
+    await run.setup()
+    async with run.client() as client:
+        good = run.good_jobs(backlog, [], inline=True)
+        await run.publish(client, good, [], seed=seed)
+    worker = run.worker()
+    try:
+        worker.start()
+        await worker.wait_ready()
+        if drain is None:
+            await run.settle(settle_timeout_s(backlog), alive=worker)
+        else:
+            await run.wait_progress(drain, settle_timeout_s(drain), alive=worker)
+        code, _ = await worker.terminate(60)
+    finally:
+        run.stop_workers()
+    report = await run.report(backlog=backlog, drained=drain or backlog, exit_code=code)
+    if drain is not None:
+        report.lost = 0  # the undrained rest is still in the subscription, not lost
+        report.notes.pop("lost_jobs", None)
+    return report

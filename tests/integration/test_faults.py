@@ -1,0 +1,114 @@
+"""Faults on the real stack: nothing lost, nothing duplicated (issue 4).
+
+Each scenario of ``python -m chaos`` runs here at a small size: the worker
+SIGKILLed and restarted, Triton killed and restarted, storage unreachable for
+seconds, 10% bad messages of every kind, SIGTERM mid-run, and memory with a
+backlog. The scenarios live in ``chaos/scenarios.py``; the accounting (from
+GCS object generations and the dead-letter topic, never from the worker) in
+``chaos/harness.py``. Each scenario stops what it starts.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from chaos import scenarios
+from chaos.harness import BAD_KINDS, MODEL, Report, verify_duplicate_detection
+from worker.consumer import NACK_HOLD_BASE_S, NACK_HOLD_MAX_S, nack_hold_s
+from worker.stack import DEFAULT_MODEL_REPOSITORY, Stack, Triton
+
+pytestmark = pytest.mark.timeout(240)
+
+#: The bound issue 4 sets on the worker's peak RSS with a backlog.
+MAX_RSS_MB = 400
+
+
+def assert_clean(report: Report) -> None:
+    """Every good job succeeded once, every bad message is accounted for."""
+    assert report.lost == 0, report
+    assert report.duplicate_results == 0, report
+    assert report.bad_unaccounted == 0, report
+
+
+async def test_the_accounting_sees_a_second_write(stack: Stack) -> None:
+    # "duplicate_results == 0" means something only if an overwrite would be counted.
+    await verify_duplicate_detection(stack)
+
+
+def test_nacks_are_held_longer_on_each_delivery() -> None:
+    holds = [nack_hold_s(attempt) for attempt in (None, 1, 2, 3, 4, 5, 50)]
+    assert holds[:6] == [NACK_HOLD_BASE_S, NACK_HOLD_BASE_S, 4.0, 8.0, 16.0, NACK_HOLD_MAX_S]
+    # Four failed deliveries take long enough to outlast a 10 s outage before a fifth could dead-letter.
+    assert sum(holds[1:5]) >= 25.0
+    assert holds[-1] == NACK_HOLD_MAX_S
+
+
+async def test_worker_sigkilled_three_times_loses_and_duplicates_nothing(stack: Stack, tmp_path: Path) -> None:
+    report = await scenarios.worker_killed(stack, tmp_path, jobs=120, kills=3)
+    assert_clean(report)
+    assert report.succeeded == 120
+    assert report.notes["worker_starts"] == 4
+
+
+@pytest.fixture
+def own_triton(tmp_path: Path) -> Iterator[Triton]:
+    """A Triton serving only ``enhance``, so killing it spares the session's and restarting it takes seconds."""
+    repository = tmp_path / "model_repository"
+    shutil.copytree(DEFAULT_MODEL_REPOSITORY / MODEL, repository / MODEL)
+    triton = Triton("triton-faults", tmp_path / "triton", model_repository=repository)
+    triton.start()
+    try:
+        yield triton
+    finally:
+        triton.stop()
+
+
+async def test_triton_killed_and_restarted_mid_run(stack: Stack, own_triton: Triton, tmp_path: Path) -> None:
+    report = await scenarios.triton_restarted(stack, tmp_path, own_triton, jobs=120)
+    assert_clean(report)
+    assert report.succeeded == 120
+    assert report.notes["worker_survived"]
+    assert report.notes["stream_reconnects"] >= 1
+    assert own_triton.running
+
+
+async def test_storage_down_for_ten_seconds_mid_run(stack: Stack, tmp_path: Path) -> None:
+    report = await scenarios.storage_outage(stack, tmp_path, jobs=120, outage_s=10.0)
+    assert_clean(report)
+    assert report.succeeded == 120
+    assert report.notes["worker_survived"]
+    # The outage was real: jobs failed against it and were nacked (held, then handed back).
+    assert report.notes["nacks"] > 0
+
+
+async def test_ten_percent_bad_messages_of_every_kind(stack: Stack, tmp_path: Path) -> None:
+    report = await scenarios.bad_messages(stack, tmp_path, jobs=108, bad_share=0.1)
+    assert_clean(report)
+    assert report.succeeded == 108
+    assert report.failed_permanent == len(BAD_KINDS)
+    assert "unexpected_error_codes" not in report.notes, report.notes
+    assert report.notes["worker_survived"]
+    assert report.notes["last_exit_code"] == 0
+
+
+async def test_sigterm_mid_run_exits_zero_within_the_grace_period(stack: Stack, tmp_path: Path) -> None:
+    grace_s = 2.0
+    report = await scenarios.sigterm(stack, tmp_path, jobs=80, grace_s=grace_s, image_size=(512, 512))
+    assert report.notes["exit_code"] == 0
+    assert report.notes["exit_s"] <= grace_s + scenarios.EXIT_SLACK_S
+    # What the first worker did not finish went back to Pub/Sub, and the second worker finished it.
+    assert report.notes["done_by_first"] < 80
+    assert_clean(report)
+    assert report.succeeded == 80
+
+
+async def test_memory_stays_bounded_with_a_backlog(stack: Stack, tmp_path: Path) -> None:
+    report = await scenarios.backlog_memory(stack, tmp_path, backlog=1500, drain=300)
+    assert report.peak_rss_mb is not None
+    assert report.peak_rss_mb < MAX_RSS_MB, report
+    assert report.notes["exit_code"] == 0
+    assert report.duplicate_results == 0
