@@ -84,7 +84,7 @@ async def measure(lab: Lab) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     state_dir = Path("build/priority-state").resolve()
     progress = Progress(2)
-    repository = sim_model.prepare_repository(state_dir / "model_repository", sim_model.SimProfile())
+    repository = sim_model.prepare_repository(state_dir / "model_repository", sim_model.SimProfile(), priorities=True)
     stack = Stack(state_dir=state_dir, model_repository=repository)
     try:
         progress.phase("starting the stack")

@@ -82,11 +82,26 @@ def with_profile(text: str, profile: SimProfile) -> str:
     return text
 
 
-def prepare_repository(target: Path, profile: SimProfile, source: Path = REPOSITORY) -> Path:
-    """Copy ``source`` to ``target`` (replacing it) with ``profile`` in the model's config; returns ``target``."""
+#: What ``priorities=True`` adds to the batcher: three levels as the image models have, 2 by default.
+PRIORITY_LEVELS = "  priority_levels: 3\n  default_priority_level: 2\n"
+
+
+def prepare_repository(
+    target: Path, profile: SimProfile, source: Path = REPOSITORY, *, priorities: bool = False
+) -> Path:
+    """Copy ``source`` to ``target`` (replacing it) with ``profile`` in the model's config; returns ``target``.
+
+    ``priorities`` adds priority levels (``python -m bench.priority``). The throughput runs leave them
+    out: with them on, Triton 2.51 crashed once (SIGSEGV in ``TRITONSERVER_InferenceRequestDelete``)
+    under the ceiling phase's 2,000-request burst on this sleeping model; the same burst on the image
+    models, which have priority levels, did not crash it.
+    """
     if target.exists():
         shutil.rmtree(target)
     shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
     config = target / MODEL_NAME / "config.pbtxt"
-    config.write_text(with_profile(config.read_text(), profile))
+    text = with_profile(config.read_text(), profile)
+    if priorities:
+        text = text.replace("  default_queue_policy {", PRIORITY_LEVELS + "  default_queue_policy {", 1)
+    config.write_text(text)
     return target
