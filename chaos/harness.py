@@ -273,6 +273,13 @@ class Run:
 
     # -- setup ------------------------------------------------------------------------------------
 
+    async def publish_good(self, jobs: int, seed: int) -> None:
+        """Set the run up and publish ``jobs`` good jobs, in an order shuffled by ``seed``."""
+        await self.setup()
+        async with self.client() as client:
+            good = self.good_jobs(jobs, await self.inputs(client))
+            await self.publish(client, good, [], seed=seed)
+
     async def setup(self) -> None:
         await asyncio.to_thread(provision_pubsub, self.settings, self.stack.pubsub.host, dead_letter=self.dead_letter)
         async with aiohttp.ClientSession() as session:

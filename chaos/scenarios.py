@@ -34,10 +34,7 @@ async def worker_killed(stack: Stack, workdir: Path, *, jobs: int = 1000, kills:
     # Without a dead-letter policy: with one, the emulator never redelivers a message
     # orphaned twice (redelivered after one kill, its holder killed again); see worker/stack.py.
     run = Run(stack, "worker_killed", workdir, dead_letter=False, max_in_flight=32, max_messages=64)
-    await run.setup()
-    async with run.client() as client:
-        good = run.good_jobs(jobs, await run.inputs(client))
-        await run.publish(client, good, [], seed=seed)
+    await run.publish_good(jobs, seed)
     # Kill points: random shares of the run, apart from each other, all before the end.
     thresholds = sorted(rng.uniform(0.1, 0.8) for _ in range(kills))
     worker = run.worker()
@@ -65,10 +62,7 @@ async def worker_killed(stack: Stack, workdir: Path, *, jobs: int = 1000, kills:
 async def triton_restarted(stack: Stack, workdir: Path, triton: Triton, *, jobs: int = 300, seed: int = 2) -> Report:
     """Scenario 2: kill Triton mid-run and start it again on the same ports; nothing may be lost."""
     run = Run(stack, "triton_restarted", workdir, triton_url=triton.grpc_url)
-    await run.setup()
-    async with run.client() as client:
-        good = run.good_jobs(jobs, await run.inputs(client))
-        await run.publish(client, good, [], seed=seed)
+    await run.publish_good(jobs, seed)
     worker = run.worker()
     try:
         worker.start()
@@ -105,10 +99,7 @@ async def storage_outage(
     proxy.start()
     try:
         run = Run(stack, "storage_outage", workdir, storage_url=proxy.url)
-        await run.setup()
-        async with run.client() as client:
-            good = run.good_jobs(jobs, await run.inputs(client))
-            await run.publish(client, good, [], seed=seed)
+        await run.publish_good(jobs, seed)
         worker = run.worker()
         try:
             worker.start()
@@ -182,10 +173,7 @@ async def sigterm(
     # Without a dead-letter policy, as in worker_killed: with one, the emulator drops the
     # nacks sent after the stream closed (shutdown) and never redelivers those messages.
     run = Run(stack, "sigterm", workdir, dead_letter=False, image_size=image_size, shutdown_grace_s=grace_s)
-    await run.setup()
-    async with run.client() as client:
-        good = run.good_jobs(jobs, await run.inputs(client))
-        await run.publish(client, good, [], seed=seed)
+    await run.publish_good(jobs, seed)
     first = run.worker("first")
     second = run.worker("second")
     try:
