@@ -1,12 +1,13 @@
 """GCS reads and idempotent writes, and the names results are written under.
 
-Client choice, measured: ``gcloud-aio-storage`` (asyncio-native, on the
-aiohttp the worker already uses) against ``google-cloud-storage`` in a thread
-pool, both doing the job's storage pattern (one 20 KB read, a result and a
-record write) at 32 jobs in flight against the same fake-gcs-server. The
-numbers are in the README (Performance); the aio client was faster and, above
-all, cheaper in worker CPU per job, with no thread per in-flight request, so
-it is the one used here (``tritonq bench`` re-measures the storage ceiling).
+Client choice, measured (``python -m bench.storage_clients``): the job's
+storage pattern (one 20 KB read, a result and a record write, create-only) at
+32 jobs in flight against the same fake-gcs-server. ``gcloud-aio-storage``
+(asyncio-native, on the aiohttp the worker already uses): 170 jobs/s at 1.9 ms
+of client CPU per job; ``google-cloud-storage`` in a thread pool of 32: 108
+jobs/s at 8.7 ms, with a thread per request in flight. So the aio client,
+which leaves the CPU to image work (``make bench`` re-measures the storage
+ceiling).
 
 Writes are create-only (``ifGenerationMatch=0``): Pub/Sub delivers at least
 once, so the same job may be finished twice, and the second write of a result
