@@ -144,7 +144,10 @@ class JobClient:
 
     async def result(self, job: ImageJob) -> JobResult | None:
         """The job's record if it has been written."""
-        document = await self._storage.read_json(record_ref(self.output_of(job), job.job_id))
+        return await self._read_record(record_ref(self.output_of(job), job.job_id))
+
+    async def _read_record(self, ref: GcsRef) -> JobResult | None:
+        document = await self._storage.read_json(ref)
         if document is None:
             return None
         return json_format.ParseDict(document, JobResult(), ignore_unknown_fields=True)
@@ -164,25 +167,20 @@ class JobClient:
         self, jobs: Sequence[ImageJob], timeout_s: float = 600.0, on_result: Callable[[JobResult], None] | None = None
     ) -> list[JobResult]:
         """Await many jobs at once: one listing per poll finds the new records, instead of a read per job."""
-        pending: dict[str, tuple[int, ImageJob]] = {}
-        for index, job in enumerate(jobs):
-            pending[record_ref(self.output_of(job), job.job_id).uri] = (index, job)
+        pending = {record_ref(self.output_of(job), job.job_id): index for index, job in enumerate(jobs)}
         results: list[JobResult | None] = [None] * len(jobs)
         delay = POLL_FIRST_S
         async with asyncio.timeout(timeout_s):
             while pending:
-                prefixes = {(parse_gs_uri(uri).bucket, parse_gs_uri(uri).name.rpartition("/")[0]) for uri in pending}
-                listed: set[str] = set()
-                for bucket, prefix in prefixes:
+                listed: set[GcsRef] = set()
+                for bucket, prefix in {(ref.bucket, ref.name.rpartition("/")[0]) for ref in pending}:
                     names = await self._storage.list_names(bucket, f"{prefix}/" if prefix else "")
-                    listed |= {f"gs://{bucket}/{name}" for name in names}
-                found = [uri for uri in pending if uri in listed]
-                for uri in found:
-                    index, job = pending.pop(uri)
-                    result = await self.result(job)
+                    listed |= {GcsRef(bucket, name) for name in names}
+                for ref in [ref for ref in pending if ref in listed]:
+                    result = await self._read_record(ref)
                     if result is None:  # listed but not yet readable: look again next round
-                        pending[uri] = (index, job)
                         continue
+                    index = pending.pop(ref)
                     results[index] = result
                     if on_result is not None:
                         on_result(result)

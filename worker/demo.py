@@ -60,7 +60,7 @@ def sample_image(width: int, height: int, seed: int = 0, fmt: str = "JPEG") -> b
     base += rng.normal(0, 6, size=base.shape)
     image = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8), "RGB")
     out = io.BytesIO()
-    image.save(out, fmt, quality=90) if fmt == "JPEG" else image.save(out, fmt)
+    image.save(out, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
     return out.getvalue()
 
 

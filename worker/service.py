@@ -81,8 +81,7 @@ class Worker:
             return "triton is not ready"
         if not self.consumer.running:
             return "consumer is not pulling"
-        routed = [m for m in self.catalog.models]
-        for model in routed:
+        for model in self.catalog.models:
             if not await self.control.model_ready(model):
                 return f"model {model} is not ready"
         return None

@@ -419,19 +419,17 @@ class TritonStream:
     def _attach_regions(
         self, result: InferResult, request: service_pb2.ModelInferRequest, regions: list[Region]
     ) -> InferResult:
-        """Swap outputs written to a region for views of it; keep that region until ``release``."""
+        """Swap outputs written to a region for views of it; keep those regions until ``release``."""
         assert self.shm_pool is not None
         outputs = dict(result.outputs)
+        by_name = {region.name: region for region in regions}
         kept: list[Region] = []
-        shm_names = {o.name for o in request.outputs}
-        for region in regions:
-            if region.name not in {o.parameters["shared_memory_region"].string_param for o in request.outputs}:
-                self.shm_pool.release(region)  # an input region: Triton has read it
-                continue
+        for output in request.outputs:
+            region = by_name.pop(output.parameters["shared_memory_region"].string_param)
+            outputs[output.name] = region.array(NUMPY_DTYPES[result.dtypes[output.name]], result.shapes[output.name])
             kept.append(region)
-        for name in shm_names:
-            shape = result.shapes[name]
-            outputs[name] = kept[0].array(NUMPY_DTYPES[result.dtypes[name]], shape)
+        for region in by_name.values():
+            self.shm_pool.release(region)  # an input region: Triton has read it
         return InferResult(outputs, result.model_version, result.shapes, result.dtypes, kept, self.shm_pool)
 
     def _lane(self, key: LaneKey) -> _Lane:
