@@ -324,7 +324,6 @@ class Pipeline:
             future.set_result(outcome)
 
     async def _run(self, job: Job, delivery: Delivery, timer: Timer) -> str:
-        settings = self._settings
         model = job.model
         if job.params.get("preprocess") == "server":
             # The model's ensemble decodes and encodes inside Triton: the worker only moves bytes.
@@ -338,13 +337,7 @@ class Pipeline:
             telemetry.JOBS.labels(job.model, version or "default", "retried").inc()
 
         async def retry(step: Callable[[], Awaitable[T]], what: str) -> T:
-            return await retrying(
-                step,
-                attempts=settings.retry_attempts,
-                base_s=settings.retry_base_s,
-                what=what,
-                on_retry=retried,
-            )
+            return await self._retry(step, what, on_retry=retried)
 
         if job.expired(time.time()):
             raise DEADLINE_EXCEEDED
@@ -468,6 +461,18 @@ class Pipeline:
     async def _ack(self, delivery: Delivery) -> None:
         delivery.ack()
 
+    async def _retry(
+        self, step: Callable[[], Awaitable[T]], what: str, on_retry: Callable[[], None] = lambda: None
+    ) -> T:
+        """``retrying`` with the settings' attempts and backoff."""
+        return await retrying(
+            step,
+            attempts=self._settings.retry_attempts,
+            base_s=self._settings.retry_base_s,
+            what=what,
+            on_retry=on_retry,
+        )
+
     def _in_thread(self, fn: Callable[..., T], *args: Any) -> Awaitable[T]:
         return asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
@@ -512,15 +517,7 @@ class Pipeline:
             await self._storage.write_once(ref, jobs.result_json(result), "application/json", metadata)
 
         try:
-            await asyncio.shield(
-                retrying(
-                    record,
-                    attempts=self._settings.retry_attempts,
-                    base_s=self._settings.retry_base_s,
-                    what="write_error_record",
-                    on_retry=lambda: None,
-                )
-            )
+            await asyncio.shield(self._retry(record, "write_error_record"))
         except TransientError as exc:
             return self._nack(delivery, job, "transient", f"error record not written: {exc}")
         delivery.ack()
