@@ -44,6 +44,11 @@ JOB_LATENCY_SECONDS = Histogram(
 IN_FLIGHT = Gauge("tritonq_jobs_in_flight", "Jobs being processed by the pipeline now.")
 MESSAGES_HELD = Gauge("tritonq_messages_held", "Messages held by the consumer (received, not yet acked or nacked).")
 OLDEST_MESSAGE_AGE = Gauge("tritonq_oldest_message_age_seconds", "Age since publish of the oldest message in progress.")
+PUBSUB_REQUEST_ERRORS = Counter(
+    "tritonq_pubsub_request_errors",
+    "Pub/Sub ack, nack and lease requests that failed (by request); given up after retries, the message comes back.",
+    ["request"],
+)
 TRITON_RECONNECTS = Counter("tritonq_triton_stream_reconnects", "Times the Triton stream broke and was reopened.")
 TRITON_IN_FLIGHT = Gauge("tritonq_triton_requests_in_flight", "Inference requests sent and not yet answered.")
 BYTES_READ = Counter("tritonq_bytes_read", "Input bytes read from GCS or inline payloads.")

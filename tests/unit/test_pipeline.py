@@ -88,12 +88,16 @@ class Stream:
 
 @dataclass
 class Message:
-    """A received Pub/Sub message as the consumer sees it (the consumer sends nacks itself)."""
+    """What the consumer hears of one delivery: acks and nacks."""
 
     acks: int = 0
+    nacks: int = 0
 
-    def ack(self) -> None:
-        self.acks += 1
+    def settle(self, _: Delivery, acked: bool) -> None:
+        if acked:
+            self.acks += 1
+        else:
+            self.nacks += 1
 
 
 def delivery(data: bytes, attempt: int | None = 1, held_s: float = 0.0) -> tuple[Delivery, Message]:
@@ -105,7 +109,7 @@ def delivery(data: bytes, attempt: int | None = 1, held_s: float = 0.0) -> tuple
             attributes={},
             publish_time=time.time(),
             delivery_attempt=attempt,
-            _message=message,
+            _settle=message.settle,
             received_at=time.monotonic() - held_s,
         ),
         message,

@@ -1,0 +1,151 @@
+"""The consumer against the real Pub/Sub emulator: flow control, paced nacks, leases, acks flushed on close."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+from google.api_core.exceptions import DeadlineExceeded
+from google.cloud import pubsub_v1
+
+from worker.config import Settings
+from worker.consumer import LEASE_EXTENSION_S, NACK_HOLD_BASE_S, Consumer, Delivery
+
+#: Seconds any awaited condition may take on a loaded machine.
+WAIT_S = 30.0
+
+
+def publish(settings: Settings, count: int) -> list[str]:
+    publisher = pubsub_v1.PublisherClient()
+    futures = [publisher.publish(settings.topic_path, f"m{i}".encode(), n=str(i)) for i in range(count)]
+    return [f.result() for f in futures]
+
+
+def consumer_for(settings: Settings, queue: asyncio.Queue[Delivery], max_messages: int = 5) -> Consumer:
+    return Consumer(
+        settings.subscription_path, queue, max_messages=max_messages, max_bytes=10**8, max_lease_duration_s=600
+    )
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Wait for ``condition`` (polled), failing after ``WAIT_S``."""
+    async with asyncio.timeout(WAIT_S):
+        while not condition():  # noqa: ASYNC110 - the consumer's state has no event to wait on
+            await asyncio.sleep(0.02)
+
+
+def pull_now(settings: Settings) -> list[Any]:
+    """Messages a plain synchronous pull finds on the subscription now."""
+    subscriber = pubsub_v1.SubscriberClient()
+    try:
+        response = subscriber.pull(request={"subscription": settings.subscription_path, "max_messages": 100}, timeout=5)
+        return list(response.received_messages)
+    except DeadlineExceeded:
+        return []
+    finally:
+        subscriber.close()
+
+
+async def test_flow_control_hands_out_at_most_max_messages(make_settings: Callable[..., Settings]) -> None:
+    settings = make_settings()
+    await asyncio.to_thread(publish, settings, 20)
+    queue: asyncio.Queue[Delivery] = asyncio.Queue()
+    consumer = consumer_for(settings, queue, max_messages=5)
+    consumer.start()
+    try:
+        taken = [await asyncio.wait_for(queue.get(), WAIT_S) for _ in range(5)]
+        # The emulator streams past the bound; the consumer holds the rest back, leased.
+        await until(lambda: consumer.held > 5)
+        assert queue.qsize() == 0
+        taken[0].ack()
+        taken.append(await asyncio.wait_for(queue.get(), WAIT_S))
+        assert queue.qsize() == 0
+        seen = {d.data for d in taken}
+        for delivery in taken[1:]:
+            delivery.ack()
+        while len(seen) < 20:
+            delivery = await asyncio.wait_for(queue.get(), WAIT_S)
+            assert queue.qsize() <= 5
+            seen.add(delivery.data)
+            delivery.ack()
+        assert seen == {f"m{i}".encode() for i in range(20)}
+    finally:
+        consumer.stop_pulling()
+        await consumer.wait_closed()
+
+
+async def test_a_nack_is_held_for_its_backoff_then_redelivered(make_settings: Callable[..., Settings]) -> None:
+    settings = make_settings()
+    await asyncio.to_thread(publish, settings, 1)
+    queue: asyncio.Queue[Delivery] = asyncio.Queue()
+    consumer = consumer_for(settings, queue)
+    consumer.start()
+    try:
+        first = await asyncio.wait_for(queue.get(), WAIT_S)
+        nacked_at = time.monotonic()
+        first.nack()
+        # The slot stays taken while the nack is held.
+        assert consumer.held == 1
+        again = await asyncio.wait_for(queue.get(), WAIT_S)
+        assert time.monotonic() - nacked_at >= NACK_HOLD_BASE_S
+        assert (again.message_id, again.data) == (first.message_id, first.data)
+        again.ack()
+    finally:
+        consumer.stop_pulling()
+        await consumer.wait_closed()
+
+
+async def test_leases_outlive_the_ack_deadline_and_acks_are_flushed_on_close(
+    make_settings: Callable[..., Settings],
+) -> None:
+    settings = make_settings()
+    await asyncio.to_thread(publish, settings, 10)
+    queue: asyncio.Queue[Delivery] = asyncio.Queue()
+    consumer = consumer_for(settings, queue, max_messages=10)
+    consumer.start()
+    try:
+        held = [await asyncio.wait_for(queue.get(), WAIT_S) for _ in range(10)]
+        for delivery in held[1:]:
+            delivery.ack()
+        # Held past the stream's ack deadline: only lease renewals keep it from being redelivered.
+        deadline = held[0].received_at + LEASE_EXTENSION_S + 3
+        while time.monotonic() < deadline:
+            assert queue.qsize() == 0
+            await asyncio.sleep(0.2)
+        held[0].ack()
+    finally:
+        consumer.stop_pulling()
+        await consumer.wait_closed()
+    # Every ack went out before wait_closed returned, and every deadline has passed: nothing comes back.
+    assert await asyncio.to_thread(pull_now, settings) == []
+
+
+async def test_a_nack_after_stop_goes_back_at_once(make_settings: Callable[..., Settings]) -> None:
+    settings = make_settings()
+    await asyncio.to_thread(publish, settings, 1)
+    queue: asyncio.Queue[Delivery] = asyncio.Queue()
+    consumer = consumer_for(settings, queue)
+    consumer.start()
+    delivery = await asyncio.wait_for(queue.get(), WAIT_S)
+    consumer.stop_pulling()
+    assert consumer.nack_held() == 1
+    await consumer.wait_closed()
+    assert consumer.held == 0
+    # Nacked with a zero deadline: a plain pull gets it straight away.
+    redelivered = await asyncio.to_thread(pull_now, settings)
+    assert [m.message.message_id for m in redelivered] == [delivery.message_id]
+
+
+async def test_a_missing_subscription_stops_the_consumer(make_settings: Callable[..., Settings]) -> None:
+    settings = make_settings()
+    queue: asyncio.Queue[Delivery] = asyncio.Queue()
+    consumer = Consumer(
+        settings.subscription_path + "-missing", queue, max_messages=5, max_bytes=10**8, max_lease_duration_s=600
+    )
+    consumer.start()
+    try:
+        await until(lambda: not consumer.running)
+    finally:
+        await consumer.wait_closed()
