@@ -6,8 +6,8 @@
 - ``storage_ceiling``: the job's storage pattern alone (one input read, the
   result write, the record write, through ``worker.storage``) at the worker's
   concurrency against the same GCS emulator.
-- ``pubsub_ceiling``: streaming pull and ack alone, with the worker's flow
-  control, of messages published ahead.
+- ``pubsub_ceiling``: streaming pull and ack alone, through the worker's own
+  ``Consumer`` with its flow control, of messages published ahead.
 
 Each returns a rate per second measured from its first operation to its last.
 """
@@ -15,8 +15,6 @@ Each returns a rate per second measured from its first operation to its last.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -26,6 +24,7 @@ from google.cloud import pubsub_v1
 from numpy.typing import NDArray
 
 from bench.sim_model import MODEL_NAME
+from worker.consumer import Consumer, Delivery
 from worker.jobs import GcsRef, JobResult, parse_gs_uri, result_json
 from worker.storage import Storage
 from worker.triton import TritonStream
@@ -122,75 +121,63 @@ async def storage_ceiling(
         await storage.close()
 
 
-def pubsub_ceiling(
+async def pubsub_ceiling(
     subscription_path: str, count: int, max_messages: int, progress: Callable[[int], None], timeout_s: float
 ) -> float:
-    """Messages per second pulled and acked, ``max_messages`` held at once (blocking: run it in a thread)."""
-    lock = threading.Lock()
-    finished = threading.Event()
+    """Messages per second pulled and acked through the worker's ``Consumer``, ``max_messages`` held at once."""
+    queue: asyncio.Queue[Delivery] = asyncio.Queue()
+    consumer = Consumer(subscription_path, queue, max_messages=max_messages, max_bytes=10**9, max_lease_duration_s=600)
     times: list[float] = []
-
-    def on_message(message: Any) -> None:
-        message.ack()
-        with lock:
-            times.append(time.perf_counter())
-            if len(times) >= count:
-                finished.set()
-        progress(1)
-
-    subscriber = pubsub_v1.SubscriberClient()
-    future = subscriber.subscribe(
-        subscription_path,
-        callback=on_message,
-        flow_control=pubsub_v1.types.FlowControl(max_messages=max_messages),
-    )
+    consumer.start()
     try:
-        if not finished.wait(timeout_s):
-            raise TimeoutError(f"pubsub ceiling: {len(times)}/{count} messages in {timeout_s:.0f} s")
+        async with asyncio.timeout(timeout_s):
+            while len(times) < count:
+                delivery = await queue.get()
+                delivery.ack()
+                times.append(time.perf_counter())
+                progress(1)
+    except TimeoutError:
+        raise TimeoutError(f"pubsub ceiling: {len(times)}/{count} messages in {timeout_s:.0f} s") from None
     finally:
-        future.cancel()  # stops pulling and flushes the acks
-        with contextlib.suppress(Exception):
-            future.result(timeout=30)
-        subscriber.close()
+        consumer.stop_pulling()
+        await consumer.wait_closed()
     first, last = times[0], times[count - 1]
     # The first message's own pull is not timed: rate over the count - 1 intervals.
     return (count - 1) / (last - first)
 
 
-def pubsub_delivery_ms(
+async def pubsub_delivery_ms(
     topic_path: str, subscription_path: str, count: int, rate_per_s: float, timeout_s: float
 ) -> list[float]:
-    """Milliseconds from publish (the emulator's publish time) to the subscriber's callback, at a low rate.
+    """Milliseconds from publish (the emulator's publish time) to the worker's ``Consumer`` handing it out.
 
-    The part of a quiet system's latency that no worker can remove: Pub/Sub
-    delivering the message. Blocking: run it in a thread.
+    The part of a quiet system's latency that no worker can remove: Pub/Sub delivering the message.
     """
-    lock = threading.Lock()
-    finished = threading.Event()
+    queue: asyncio.Queue[Delivery] = asyncio.Queue()
+    consumer = Consumer(subscription_path, queue, max_messages=64, max_bytes=10**9, max_lease_duration_s=600)
+    publisher = pubsub_v1.PublisherClient(batch_settings=pubsub_v1.types.BatchSettings(max_latency=0))
     delays: list[float] = []
 
-    def on_message(message: Any) -> None:
-        received = time.time()
-        message.ack()
-        with lock:
-            delays.append((received - message.publish_time.timestamp()) * 1000)
-            if len(delays) >= count:
-                finished.set()
+    async def receive() -> None:
+        while len(delays) < count:
+            delivery = await queue.get()
+            delays.append((time.time() - delivery.publish_time) * 1000)
+            delivery.ack()
 
-    subscriber = pubsub_v1.SubscriberClient()
-    publisher = pubsub_v1.PublisherClient()
-    future = subscriber.subscribe(subscription_path, callback=on_message)
+    consumer.start()
+    receiver = asyncio.create_task(receive())
     try:
-        time.sleep(1.0)  # let the streaming pull open before the first message
-        for i in range(count):
-            publisher.publish(topic_path, f"probe-{i}".encode()).result(timeout=30)
-            time.sleep(1.0 / rate_per_s)
-        if not finished.wait(timeout_s):
-            raise TimeoutError(f"pubsub delivery: {len(delays)}/{count} messages in {timeout_s:.0f} s")
+        async with asyncio.timeout(timeout_s):
+            await asyncio.sleep(1.0)  # let the streaming pull open before the first message
+            for i in range(count):
+                await asyncio.to_thread(publisher.publish(topic_path, f"probe-{i}".encode()).result, 30)
+                await asyncio.sleep(1.0 / rate_per_s)
+            await receiver
+    except TimeoutError:
+        raise TimeoutError(f"pubsub delivery: {len(delays)}/{count} messages in {timeout_s:.0f} s") from None
     finally:
-        future.cancel()
-        with contextlib.suppress(Exception):
-            future.result(timeout=30)
-        subscriber.close()
+        receiver.cancel()
+        consumer.stop_pulling()
+        await consumer.wait_closed()
         publisher.stop()
     return delays

@@ -147,7 +147,7 @@ def rows(doc: Mapping[str, Any]) -> list[tuple[str, str, str]]:
             fmt_latency(doc.get("low_rate_latency_ms")),
             f"p50 {_target_text(doc, 'low_rate_latency_ms.p50')}",
         ),
-        ("pubsub_delivery_ms p50/p95/p99 (publish to callback, alone)", fmt_latency(doc.get("pubsub_delivery_ms")), ""),
+        ("pubsub_delivery_ms p50/p95/p99 (publish to hand-out, alone)", fmt_latency(doc.get("pubsub_delivery_ms")), ""),
         ("ceiling_infer_per_s", fmt(doc.get("ceiling_infer_per_s")), ""),
         ("ceiling_storage_jobs_per_s", fmt(doc.get("ceiling_storage_jobs_per_s")), ""),
         ("ceiling_pubsub_msgs_per_s", fmt(doc.get("ceiling_pubsub_msgs_per_s")), ""),

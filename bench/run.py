@@ -166,8 +166,7 @@ class Bench:
                 with lab.progress.bar("publish", len(jobs)) as update:
                     await workload.publish_backlog(client, jobs, update)
             with lab.progress.bar("pubsub ceiling", sizes.ceiling_jobs, "msg") as update:
-                rate = await asyncio.to_thread(
-                    ceilings.pubsub_ceiling,
+                rate = await ceilings.pubsub_ceiling(
                     settings.subscription_path,
                     sizes.ceiling_jobs,
                     self.effective.max_messages,
@@ -176,8 +175,7 @@ class Bench:
                 )
             doc["ceiling_pubsub_msgs_per_s"] = round(rate, 2)
             probe = lab.settings("pubsub-delivery")
-            delays = await asyncio.to_thread(
-                ceilings.pubsub_delivery_ms,
+            delays = await ceilings.pubsub_delivery_ms(
                 probe.topic_path,
                 probe.subscription_path,
                 sizes.delivery_probes,
@@ -301,7 +299,7 @@ NOTES = (
     "its CPU just before it took its first message (scraped every 0.05 s until then), over the jobs; "
     "worker_cpu_ms_per_job_steady is the slope of CPU against jobs done between 10% and 90% of the run, a "
     "cross-check that is biased low when the jobs are few against the in-flight limit. Both include the "
-    "benchmark's scrapes of the worker's /metrics (every 0.25 s).",
+    "benchmark's scrapes of the worker's /metrics (every 1 s).",
     "floor_cpu_ms_per_job: ModelSpec.preprocess + postprocess of the same images in one thread, no I/O "
     "(thread CPU time); overhead_ratio = worker_cpu_ms_per_job / floor_cpu_ms_per_job.",
     "avg_batch_size: Triton's nv_inference_count / nv_inference_exec_count for sim_gpu over the main run; the batch "
@@ -314,8 +312,9 @@ NOTES = (
     "ceiling_infer_per_s: the same decoded tensors sent through worker.triton.TritonStream at the worker's "
     "in-flight limit, no queue, no storage. ceiling_storage_jobs_per_s: one input read, a result and a record "
     "create-only write through worker.storage at the worker's in-flight limit. ceiling_pubsub_msgs_per_s: "
-    "streaming pull + ack with the worker's flow control. e2e_vs_ceiling uses the slowest of the three.",
-    "pubsub_delivery_ms: publish (the emulator's publish time) to the subscriber's callback at the low rate, "
+    "streaming pull + ack through worker.consumer with the worker's flow control. e2e_vs_ceiling uses the "
+    "slowest of the three.",
+    "pubsub_delivery_ms: publish (the emulator's publish time) to worker.consumer handing it out, at the low rate, "
     "probe messages alone: the share of low-rate latency Pub/Sub itself takes.",
     "stack_cpu_ms_per_job: CPU of each stack component's process group (/proc) during the main run, per job; "
     "machine_cpu_ms_per_job adds the worker's; ceiling_machine_cpu_jobs_per_s = CPUs x 1000 / that: the most "

@@ -96,6 +96,13 @@ class Settings(BaseSettings):
         "enough for full batches, few enough that the worker can group the rest by shape.",
     )
     preprocess_threads: int = Field(0, ge=0, description="Threads for image decode/encode; 0 means one per CPU core.")
+    inline_max_pixels: int = Field(
+        65_536,
+        ge=0,
+        description="Images of at most this many pixels are decoded and encoded on the event loop, larger ones in "
+        "the thread pool: a hand-off to a thread costs more CPU than small image work (see README Performance). "
+        "0 sends all to threads.",
+    )
 
     # Retries and shutdown.
     retry_attempts: int = Field(3, ge=1, description="Tries of a step that fails transiently before the job is nacked.")

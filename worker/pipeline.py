@@ -34,7 +34,7 @@ from typing import Any, TypeVar
 import numpy as np
 import structlog
 
-from worker import jobs, routing, telemetry
+from worker import images, jobs, routing, telemetry
 from worker.config import Settings
 from worker.consumer import Delivery
 from worker.errors import PermanentJobError, TransientError
@@ -351,9 +351,12 @@ class Pipeline:
                 return DUPLICATE
 
         data = await timer.stage("fetch", retry(lambda: self._fetch(job), "fetch"))
+        width, height = images.probe(data, self._limits)
         prepared = await timer.stage(
             "preprocess",
-            self._in_thread(spec.preprocess, data, self._limits, job.params, self._settings.shape_buckets_px),
+            self._image_work(
+                width * height, spec.preprocess, data, self._limits, job.params, self._settings.shape_buckets_px
+            ),
         )
         del data
         parameters = dict(prepared.parameters)
@@ -365,11 +368,11 @@ class Pipeline:
         served = inferred.model_version
         try:
             output_array = inferred.outputs[spec.output.name]
+            output_array = output_array[0] if spec.batched else output_array
+            # Elements over three: the pixels of an image output, and "few" for any other tensor.
             output = await timer.stage(
                 "postprocess",
-                self._in_thread(
-                    spec.postprocess, output_array[0] if spec.batched else output_array, prepared, job.output_format
-                ),
+                self._image_work(output_array.size // 3, spec.postprocess, output_array, prepared, job.output_format),
             )
         finally:
             # The output may be a view of a shared-memory region: hand it back only once encoded.
@@ -473,8 +476,17 @@ class Pipeline:
             on_retry=on_retry,
         )
 
-    def _in_thread(self, fn: Callable[..., T], *args: Any) -> Awaitable[T]:
-        return asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+    async def _image_work(self, pixels: int, fn: Callable[..., T], *args: Any) -> T:
+        """Run CPU-bound image work: small images on the event loop, large ones in the thread pool.
+
+        Measured on the benchmark's 256 px jobs (decode, encode): 1.2 ms of CPU per job run inline,
+        1.9 ms through the pool. Each hand-off to a thread and back (a futex wake, an eventfd write,
+        the GIL changing hands twice) costs more than the work. Large images go to the pool: they
+        would hold the loop for milliseconds, and Pillow releases the GIL, so they use the other cores.
+        """
+        if pixels <= self._settings.inline_max_pixels:
+            return fn(*args)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     # -- outcomes --------------------------------------------------------------------------------
 
