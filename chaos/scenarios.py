@@ -44,9 +44,11 @@ async def worker_killed(stack: Stack, workdir: Path, *, jobs: int = 1000, kills:
         await worker.wait_ready()
         done = 0
         for threshold in thresholds:
-            # Kill only a worker that is working: past the threshold and past its own first job.
-            await run.wait_progress(max(int(threshold * jobs), done + 1), settle_timeout_s(jobs), alive=worker)
-            await asyncio.sleep(rng.uniform(0.0, 0.5))  # a random moment, not a stage boundary
+            # Kill only a worker that is working: past the threshold and past its own first job, but
+            # never wait for more than the run holds (a fast worker may finish the jobs between two kills).
+            target = min(max(int(threshold * jobs), done + 1), jobs - 1)
+            await run.wait_progress(target, settle_timeout_s(jobs), alive=worker)
+            await asyncio.sleep(rng.uniform(0.0, 0.2))  # a random moment, not a stage boundary
             done = await run.succeeded()
             worker.kill()
             kill_log.append({"after_succeeded": done})
@@ -80,11 +82,17 @@ async def triton_restarted(stack: Stack, workdir: Path, triton: Triton, *, jobs:
         run.stop_workers()
         if not triton.running:
             triton.start()
-    reconnects = sum(1 for line in worker.log_lines() if line.get("message") == "triton_stream_reconnecting")
+    # The outage was felt: inference failed and was retried (or nacked), in either Triton mode.
+    felt = sum(
+        1
+        for line in worker.log_lines()
+        if (line.get("message") == "retrying" and line.get("step") == "infer")
+        or (line.get("message") == "job_nacked" and line.get("reason") == "transient")
+    )
     return await run.report(
         succeeded_at_kill=done_at_kill,
         triton_down_s=round(restart_s, 1),
-        stream_reconnects=reconnects,
+        infer_failures=felt,
         worker_survived=alive,
         last_exit_code=code,
     )

@@ -1,17 +1,19 @@
 """Pure image work: decode with limits, orient, resize, lay out tensors, encode.
 
-Bytes in, arrays out, and back; no I/O and no event loop, so the pipeline runs
-these functions in its thread pool (Pillow releases the GIL while it decodes,
-resizes and encodes). Decoding is the security boundary for untrusted input:
-the byte size, the pixel count (checked from the header, before any pixel is
-decoded) and the format are all limited, and anything Pillow cannot read is a
-``PermanentJobError``.
+Bytes in, arrays out, and back; no I/O and no event loop, so the pipeline may
+run these functions anywhere: small images on its event loop, large ones in its
+thread pool (Pillow releases the GIL while it decodes, resizes and encodes).
+Decoding is the security boundary for untrusted input: the byte size, the pixel
+count (checked from the header, before any pixel is decoded) and the format are
+all limited, and anything Pillow cannot read is a ``PermanentJobError``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,41 +64,42 @@ def decode(data: bytes, limits: DecodeLimits, draft_size: tuple[int, int] | None
 
 def probe(data: bytes, limits: DecodeLimits) -> tuple[int, int]:
     """Check an encoded image against the limits from its header alone; returns (width, height)."""
-    if not data:
-        raise PermanentJobError("not_an_image", "input is empty")
-    if len(data) > limits.max_bytes:
-        raise PermanentJobError("too_large", f"input is {len(data)} bytes, limit {limits.max_bytes}")
-    try:
-        with Image.open(io.BytesIO(data), formats=sorted(limits.formats)) as opened:
-            width, height = opened.size
-    except UnidentifiedImageError as exc:
-        raise PermanentJobError("not_an_image", "input is not an image in an allowed format") from exc
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise PermanentJobError("corrupt_image", f"image header could not be read: {exc}") from exc
-    if width * height > limits.max_pixels:
-        raise PermanentJobError("too_large", f"image is {width}x{height} pixels, limit {limits.max_pixels} pixels")
-    return width, height
+    with _as_job_errors("header could not be read"), _open(data, limits) as opened:
+        width, height = opened.size
+        return width, height
 
 
 def _open_rgb(data: bytes, limits: DecodeLimits, draft_size: tuple[int, int] | None, mode: str) -> Image.Image:
+    with _as_job_errors("could not be decoded"):
+        opened = _open(data, limits)
+        if draft_size is not None and opened.format == "JPEG":
+            opened.draft("RGB", draft_size)
+        opened.load()
+        image = ImageOps.exif_transpose(opened)
+        return image if image.mode == mode else image.convert(mode)
+
+
+def _open(data: bytes, limits: DecodeLimits) -> Image.Image:
+    """Open (header only) an image within the byte, format and pixel limits."""
     if not data:
         raise PermanentJobError("not_an_image", "input is empty")
     if len(data) > limits.max_bytes:
         raise PermanentJobError("too_large", f"input is {len(data)} bytes, limit {limits.max_bytes}")
+    opened = Image.open(io.BytesIO(data), formats=sorted(limits.formats))
+    width, height = opened.size
+    if width * height > limits.max_pixels:
+        opened.close()
+        raise PermanentJobError("too_large", f"image is {width}x{height} pixels, limit {limits.max_pixels} pixels")
+    return opened
+
+
+@contextlib.contextmanager
+def _as_job_errors(failure: str) -> Iterator[None]:
+    """Whatever Pillow raises about the input is the job's fault: a ``PermanentJobError`` with its code."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            opened = Image.open(io.BytesIO(data), formats=sorted(limits.formats))
-            width, height = opened.size
-            if width * height > limits.max_pixels:
-                raise PermanentJobError(
-                    "too_large", f"image is {width}x{height} pixels, limit {limits.max_pixels} pixels"
-                )
-            if draft_size is not None and opened.format == "JPEG":
-                opened.draft("RGB", draft_size)
-            opened.load()
-            image = ImageOps.exif_transpose(opened)
-            return image if image.mode == mode else image.convert(mode)
+            yield
     except PermanentJobError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -105,7 +108,7 @@ def _open_rgb(data: bytes, limits: DecodeLimits, draft_size: tuple[int, int] | N
         raise PermanentJobError("not_an_image", "input is not an image in an allowed format") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         # Pillow reports truncated and corrupt files as OSError (and a few as SyntaxError).
-        raise PermanentJobError("corrupt_image", f"image could not be decoded: {exc}") from exc
+        raise PermanentJobError("corrupt_image", f"image {failure}: {exc}") from exc
 
 
 def to_chw_float(image: NDArray[Any], size: tuple[int, int]) -> NDArray[Any]:

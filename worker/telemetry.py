@@ -49,7 +49,9 @@ PUBSUB_REQUEST_ERRORS = Counter(
     "Pub/Sub ack, nack and lease requests that failed (by request); given up after retries, the message comes back.",
     ["request"],
 )
-TRITON_RECONNECTS = Counter("tritonq_triton_stream_reconnects", "Times the Triton stream broke and was reopened.")
+TRITON_RECONNECTS = Counter(
+    "tritonq_triton_stream_reconnects", "Times a Triton stream broke and was reopened (TRITONQ_TRITON_MODE=stream)."
+)
 TRITON_IN_FLIGHT = Gauge("tritonq_triton_requests_in_flight", "Inference requests sent and not yet answered.")
 BYTES_READ = Counter("tritonq_bytes_read", "Input bytes read from GCS or inline payloads.")
 BYTES_WRITTEN = Counter("tritonq_bytes_written", "Result and record bytes written to GCS.")

@@ -72,7 +72,7 @@ async def test_triton_killed_and_restarted_mid_run(stack: Stack, own_triton: Tri
     assert_clean(report)
     assert report.succeeded == 120
     assert report.notes["worker_survived"]
-    assert report.notes["stream_reconnects"] >= 1
+    assert report.notes["infer_failures"] >= 1
     assert own_triton.running
 
 

@@ -27,6 +27,14 @@ def code(data: bytes, limits: images.DecodeLimits = LIMITS) -> str:
     return caught.value.code
 
 
+def header_code(data: bytes, limits: images.DecodeLimits = LIMITS) -> str:
+    """The code ``probe`` (header only) gives, asserted equal to the one decoding gives."""
+    with pytest.raises(PermanentJobError) as caught:
+        images.probe(data, limits)
+    assert caught.value.code == code(data, limits)
+    return caught.value.code
+
+
 def test_decodes_to_rgb_hwc_uint8() -> None:
     array = images.decode(sample_image(64, 48), LIMITS)
     assert array.shape == (48, 64, 3)
@@ -48,8 +56,8 @@ def test_exif_orientation_is_applied() -> None:
 
 
 def test_refuses_what_is_not_an_image() -> None:
-    assert code(b"") == "not_an_image"
-    assert code(b"hello, world") == "not_an_image"
+    assert header_code(b"") == "not_an_image"
+    assert header_code(b"hello, world") == "not_an_image"
 
 
 def test_refuses_a_truncated_jpeg() -> None:
@@ -58,18 +66,28 @@ def test_refuses_a_truncated_jpeg() -> None:
 
 
 def test_refuses_formats_off_the_allowlist() -> None:
-    assert code(encoded(8, 8, "ICO")) == "not_an_image"
+    assert header_code(encoded(8, 8, "ICO")) == "not_an_image"
 
 
 def test_refuses_too_many_pixels_before_decoding() -> None:
     # A 30000x30000 PNG compresses to a few hundred KB; the header check refuses it unread.
     bomb = encoded(30_000, 30_000, "PNG", mode="L", optimize=False)
     assert len(bomb) < LIMITS.max_bytes
-    assert code(bomb) == "too_large"
+    assert header_code(bomb) == "too_large"
+
+
+def test_pillows_own_bomb_guard_is_a_job_error_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Pillow raises DecompressionBombError from the header past twice its MAX_IMAGE_PIXELS.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    assert header_code(encoded(100, 100)) == "too_large"
 
 
 def test_refuses_too_many_bytes() -> None:
-    assert code(sample_image(64, 64), images.DecodeLimits(max_bytes=100, max_pixels=10**6)) == "too_large"
+    assert header_code(sample_image(64, 64), images.DecodeLimits(max_bytes=100, max_pixels=10**6)) == "too_large"
+
+
+def test_probe_reads_the_size_from_the_header() -> None:
+    assert images.probe(sample_image(64, 48), LIMITS) == (64, 48)
 
 
 def test_draft_mode_decodes_large_jpegs_smaller() -> None:
