@@ -98,6 +98,13 @@ class Settings(BaseSettings):
         "enough for full batches, few enough that the worker can group the rest by shape.",
     )
     preprocess_threads: int = Field(0, ge=0, description="Threads for image decode/encode; 0 means one per CPU core.")
+    max_pixels_in_flight: int = Field(
+        300_000_000,
+        ge=1,
+        description="Pixels (decoded inputs plus image outputs) the jobs in flight may hold at once; a job that "
+        "would pass it waits, so memory stays bounded whatever the images' sizes (measured: about 4.5 bytes of "
+        "worker memory per pixel). One job always runs, however large.",
+    )
     inline_max_pixels: int = Field(
         65_536,
         ge=0,

@@ -156,6 +156,14 @@ class ModelSpec:
             return height * scale * width * scale * dims[-1] * itemsize
         return 0
 
+    def pixels_held(self, width: int, height: int, params: Mapping[str, str]) -> int:
+        """Pixels one job of a ``width`` x ``height`` input holds at its peak: the decoded input, and for
+        image models the output too (``scale`` times larger on each side)."""
+        if self.kind != "image":
+            return width * height  # square models resize to their small input; outputs are small tensors
+        scale = int(image_parameters(self.name, params).get("scale", "1"))
+        return width * height * (1 + scale * scale)
+
     def default_format(self, channels: int) -> str:
         if self.kind == "image":
             return "png" if channels == 4 else "jpeg"

@@ -13,7 +13,7 @@ from PIL import Image
 from worker.demo import sample_image
 from worker.errors import PermanentJobError
 from worker.images import DecodeLimits
-from worker.models import ModelSpec, decode_detections, nms, top_k
+from worker.models import ModelSpec, Tensor, decode_detections, nms, top_k
 
 LIMITS = DecodeLimits(max_bytes=10**7, max_pixels=10**7)
 
@@ -119,3 +119,15 @@ def test_image_inputs_are_padded_to_a_bucket_and_outputs_cropped_back() -> None:
         assert image.size == (300, 200)
     opted_out = ModelSpec.from_triton_config(dict(IMAGE, parameters={"tritonq_shape_buckets": {"string_value": "off"}}))
     assert opted_out.preprocess(sample_image(300, 200), LIMITS, {}, buckets=(256, 512)).array.shape == (200, 300, 3)
+
+
+def test_pixels_held_counts_image_outputs_at_their_scale() -> None:
+    hwc = Tensor("image", "TYPE_UINT8", (-1, -1, 3))
+    image = ModelSpec("upscale", "image", hwc, hwc, 8)
+    assert image.pixels_held(100, 50, {"scale": "4"}) == 5000 * 17
+    assert image.pixels_held(100, 50, {}) == 5000 * 5  # upscale's default scale is 2
+    enhance = ModelSpec("enhance", "image", image.input, image.output, 8)
+    assert enhance.pixels_held(100, 50, {}) == 5000 * 2
+    chw, vector = Tensor("x", "TYPE_FP32", (3, 224, 224)), Tensor("e", "TYPE_FP32", (512,))
+    embedding = ModelSpec("embedding", "embedding", chw, vector, 8)
+    assert embedding.pixels_held(100, 50, {}) == 5000

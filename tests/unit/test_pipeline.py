@@ -264,3 +264,65 @@ async def test_admission_hands_the_slot_on_when_a_waiter_is_cancelled() -> None:
     with pytest.raises(asyncio.CancelledError):
         await waiter
     assert gate.waiting == 0
+
+
+async def test_pixel_budget_holds_jobs_past_it_in_arrival_order() -> None:
+    from worker.pipeline import PixelBudget
+
+    budget = PixelBudget(limit=100)
+    await budget.acquire(60)
+    order: list[str] = []
+
+    async def job(name: str, weight: int) -> None:
+        await budget.acquire(weight)
+        order.append(name)
+
+    big = asyncio.create_task(job("big", 50))
+    small = asyncio.create_task(job("small", 10))  # would fit, but waits behind the first in line
+    await asyncio.sleep(0)
+    assert (order, budget.used) == ([], 60)
+    budget.release(60)
+    await asyncio.gather(big, small)
+    assert (order, budget.used) == (["big", "small"], 60)
+
+
+async def test_pixel_budget_lets_one_job_past_it_run_alone() -> None:
+    from worker.pipeline import PixelBudget
+
+    budget = PixelBudget(limit=100)
+    await budget.acquire(500)  # larger than the whole budget: runs, since nothing else holds pixels
+    waiter = asyncio.create_task(budget.acquire(1))
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    budget.release(500)
+    await waiter
+    assert budget.used == 1
+
+
+async def test_pixel_budget_lets_the_next_in_when_a_waiter_is_cancelled() -> None:
+    from worker.pipeline import PixelBudget
+
+    budget = PixelBudget(limit=100)
+    await budget.acquire(50)
+    huge = asyncio.create_task(budget.acquire(90))
+    small = asyncio.create_task(budget.acquire(40))
+    await asyncio.sleep(0)
+    huge.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await huge
+    await small
+    assert budget.used == 90
+
+
+async def test_a_job_gives_its_pixels_back_whatever_the_outcome() -> None:
+    storage = Storage({"gs://inputs/a.jpg": sample_image(20, 10)})
+    stream = Stream()
+    stream.fail = TransientError("triton down")
+    pipeline = make(stream, storage)
+    d, _ = delivery(job_bytes())
+    assert await pipeline.handle(d) == NACKED
+    assert pipeline._pixels.used == 0
+    stream.fail = None
+    d, _ = delivery(job_bytes(job_id="j2"))
+    assert await pipeline.handle(d) == SUCCEEDED
+    assert pipeline._pixels.used == 0
