@@ -15,6 +15,8 @@ from worker.consumer import LEASE_EXTENSION_S, NACK_HOLD_BASE_S, Consumer, Deliv
 
 #: Seconds any awaited condition may take on a loaded machine.
 WAIT_S = 30.0
+#: A backlog larger than one streaming-pull response.
+MANY = 500
 
 
 def publish(settings: Settings, count: int) -> list[str]:
@@ -100,24 +102,32 @@ async def test_a_nack_is_held_for_its_backoff_then_redelivered(make_settings: Ca
 async def test_leases_outlive_the_ack_deadline_and_acks_are_flushed_on_close(
     make_settings: Callable[..., Settings],
 ) -> None:
-    settings = make_settings()
-    await asyncio.to_thread(publish, settings, 10)
+    settings = make_settings()  # with a dead-letter policy, so deliveries are counted
+    # More than one response of the stream carries: what waits must be read and leased, not left unread.
+    await asyncio.to_thread(publish, settings, MANY)
     queue: asyncio.Queue[Delivery] = asyncio.Queue()
-    consumer = consumer_for(settings, queue, max_messages=10)
+    consumer = consumer_for(settings, queue, max_messages=5)
     consumer.start()
     try:
-        held = [await asyncio.wait_for(queue.get(), WAIT_S) for _ in range(10)]
-        for delivery in held[1:]:
-            delivery.ack()
-        # Held past the stream's ack deadline: only lease renewals keep it from being redelivered.
+        held = [await asyncio.wait_for(queue.get(), WAIT_S) for _ in range(5)]
+        # Held past the stream's ack deadline, the five handed out and the rest waiting for room:
+        # only lease renewals keep any of them from coming back.
         deadline = held[0].received_at + LEASE_EXTENSION_S + 3
         while time.monotonic() < deadline:
             assert queue.qsize() == 0
             await asyncio.sleep(0.2)
-        held[0].ack()
+        seen = held
+        for delivery in held:
+            delivery.ack()
+        while len(seen) < MANY:
+            delivery = await asyncio.wait_for(queue.get(), WAIT_S)
+            seen.append(delivery)
+            delivery.ack()
     finally:
         consumer.stop_pulling()
         await consumer.wait_closed()
+    assert len({d.message_id for d in seen}) == MANY
+    assert {d.delivery_attempt for d in seen} == {1}
     # Every ack went out before wait_closed returned, and every deadline has passed: nothing comes back.
     assert await asyncio.to_thread(pull_now, settings) == []
 
