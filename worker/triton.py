@@ -4,12 +4,13 @@ Two modes, one interface. ``unary`` (the default) sends one ``ModelInfer`` call
 per request, all multiplexed on the channel's one HTTP/2 connection;
 ``stream`` keeps long-lived ``ModelStreamInfer`` calls ("lanes", below). Either
 way Triton's dynamic batcher sees a steady flow of single requests and forms
-the batches, and every request has a deadline. Measured with ``make bench``
-(256 px jobs, sim_gpu, 1,500 jobs a run): the same throughput (161 vs 157 and
-179 jobs/s), with unary at 4.2 ms of worker CPU per job against 4.6 to 5.3 for
-streams, and fuller batches (16.0 vs 14.2 to 15.8). A unary call hands grpc's
-core its sends and receives as one batch of operations; a stream crosses into
-the core and back for every write and every read.
+the batches, and every request has a deadline. Measured on the benchmark's
+stack (256 px jobs, sim_gpu): throughput level within noise (eight paired
+runs, either mode ahead by up to 22%), and unary cheaper in worker CPU in every
+pair (``make bench``: 3.99 against 4.54 ms per job; 4.2 to 4.9 against 4.6 to
+5.6 in five runs of 1,500 jobs). A unary call hands grpc's core its sends and
+receives as one batch of operations; a stream crosses into the core and back
+for every write and every read.
 
 Why not ``tritonclient.grpc.aio``'s helpers: its ``stream_infer`` turns an
 error response into an exception without the request id, so a failed request
