@@ -8,6 +8,7 @@ mark of its resident set. The parsers are pure and take the files' text.
 from __future__ import annotations
 
 import os
+import resource
 from pathlib import Path
 
 CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
@@ -56,3 +57,9 @@ def cpu_seconds(pid: int) -> float:
 
 def peak_rss_bytes(pid: int) -> int:
     return parse_peak_rss_bytes(Path(f"/proc/{pid}/status").read_text())
+
+
+def own_cpu_seconds() -> float:
+    """User + system CPU seconds of this process, all its threads."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import resource
 import sys
 import time
 from pathlib import Path
@@ -24,17 +23,13 @@ from typing import Any
 
 from google.cloud import pubsub_v1
 
+from bench import procstat
 from worker.consumer import Consumer, Delivery
 from worker.stack import PubSubEmulator
 
 MESSAGES = 3000
 HELD = 64
 PROJECT = "bench"
-
-
-def _cpu_s() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def _backlog(name: str) -> str:
@@ -87,9 +82,9 @@ async def measure() -> dict[str, dict[str, float]]:
     clients = (("google-cloud-pubsub subscriber", "library", _library), ("worker.consumer", "own", _own))
     for name, topic, consume in clients:
         subscription = await asyncio.to_thread(_backlog, f"clients-{topic}")
-        cpu, wall = _cpu_s(), time.monotonic()
+        cpu, wall = procstat.own_cpu_seconds(), time.monotonic()
         await consume(subscription)
-        cpu, wall = _cpu_s() - cpu, time.monotonic() - wall
+        cpu, wall = procstat.own_cpu_seconds() - cpu, time.monotonic() - wall
         figures[name] = {"msgs_per_s": round(MESSAGES / wall, 1), "cpu_ms_per_msg": round(cpu * 1000 / MESSAGES, 3)}
         print(f"{name}: {figures[name]}")
     return figures

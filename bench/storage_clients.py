@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-import resource
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from bench import procstat
 from worker.demo import sample_image
 from worker.jobs import GcsRef
 from worker.stack import GcsEmulator, create_bucket
@@ -27,11 +27,6 @@ CONCURRENCY = 32
 BUCKET = "clients-bench"
 
 
-def _cpu_s() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
 async def _timed(name: str, job: Callable[[int], Awaitable[None]]) -> dict[str, float]:
     gate = asyncio.Semaphore(CONCURRENCY)
 
@@ -39,9 +34,9 @@ async def _timed(name: str, job: Callable[[int], Awaitable[None]]) -> dict[str, 
         async with gate:
             await job(i)
 
-    cpu, wall = _cpu_s(), time.monotonic()
+    cpu, wall = procstat.own_cpu_seconds(), time.monotonic()
     await asyncio.gather(*(one(i) for i in range(JOBS)))
-    cpu, wall = _cpu_s() - cpu, time.monotonic() - wall
+    cpu, wall = procstat.own_cpu_seconds() - cpu, time.monotonic() - wall
     figures = {"jobs_per_s": round(JOBS / wall, 1), "cpu_ms_per_job": round(cpu * 1000 / JOBS, 2)}
     print(f"{name}: {figures}")
     return figures

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from google.api_core.exceptions import DeadlineExceeded
@@ -31,6 +32,21 @@ def consumer_for(settings: Settings, queue: asyncio.Queue[Delivery], max_message
     )
 
 
+@contextlib.asynccontextmanager
+async def consuming(
+    settings: Settings, max_messages: int = 5
+) -> AsyncIterator[tuple[Consumer, asyncio.Queue[Delivery]]]:
+    """A started consumer and its queue; stopped and closed (acks flushed) when the block ends."""
+    queue: asyncio.Queue[Delivery] = asyncio.Queue()
+    consumer = consumer_for(settings, queue, max_messages)
+    consumer.start()
+    try:
+        yield consumer, queue
+    finally:
+        consumer.stop_pulling()
+        await consumer.wait_closed()
+
+
 async def until(condition: Callable[[], bool]) -> None:
     """Wait for ``condition`` (polled), failing after ``WAIT_S``."""
     async with asyncio.timeout(WAIT_S):
@@ -53,10 +69,7 @@ def pull_now(settings: Settings) -> list[Any]:
 async def test_flow_control_hands_out_at_most_max_messages(make_settings: Callable[..., Settings]) -> None:
     settings = make_settings()
     await asyncio.to_thread(publish, settings, 20)
-    queue: asyncio.Queue[Delivery] = asyncio.Queue()
-    consumer = consumer_for(settings, queue, max_messages=5)
-    consumer.start()
-    try:
+    async with consuming(settings, max_messages=5) as (consumer, queue):
         taken = [await asyncio.wait_for(queue.get(), WAIT_S) for _ in range(5)]
         # The emulator streams past the bound; the consumer holds the rest back, leased.
         await until(lambda: consumer.held > 5)
@@ -73,18 +86,12 @@ async def test_flow_control_hands_out_at_most_max_messages(make_settings: Callab
             seen.add(delivery.data)
             delivery.ack()
         assert seen == {f"m{i}".encode() for i in range(20)}
-    finally:
-        consumer.stop_pulling()
-        await consumer.wait_closed()
 
 
 async def test_a_nack_is_held_for_its_backoff_then_redelivered(make_settings: Callable[..., Settings]) -> None:
     settings = make_settings()
     await asyncio.to_thread(publish, settings, 1)
-    queue: asyncio.Queue[Delivery] = asyncio.Queue()
-    consumer = consumer_for(settings, queue)
-    consumer.start()
-    try:
+    async with consuming(settings) as (consumer, queue):
         first = await asyncio.wait_for(queue.get(), WAIT_S)
         nacked_at = time.monotonic()
         first.nack()
@@ -94,9 +101,6 @@ async def test_a_nack_is_held_for_its_backoff_then_redelivered(make_settings: Ca
         assert time.monotonic() - nacked_at >= NACK_HOLD_BASE_S
         assert (again.message_id, again.data) == (first.message_id, first.data)
         again.ack()
-    finally:
-        consumer.stop_pulling()
-        await consumer.wait_closed()
 
 
 async def test_leases_outlive_the_ack_deadline_and_acks_are_flushed_on_close(
@@ -105,10 +109,7 @@ async def test_leases_outlive_the_ack_deadline_and_acks_are_flushed_on_close(
     settings = make_settings()  # with a dead-letter policy, so deliveries are counted
     # More than one response of the stream carries: what waits must be read and leased, not left unread.
     await asyncio.to_thread(publish, settings, MANY)
-    queue: asyncio.Queue[Delivery] = asyncio.Queue()
-    consumer = consumer_for(settings, queue, max_messages=5)
-    consumer.start()
-    try:
+    async with consuming(settings, max_messages=5) as (_, queue):
         held = [await asyncio.wait_for(queue.get(), WAIT_S) for _ in range(5)]
         # Held past the stream's ack deadline, the five handed out and the rest waiting for room:
         # only lease renewals keep any of them from coming back.
@@ -123,9 +124,6 @@ async def test_leases_outlive_the_ack_deadline_and_acks_are_flushed_on_close(
             delivery = await asyncio.wait_for(queue.get(), WAIT_S)
             seen.append(delivery)
             delivery.ack()
-    finally:
-        consumer.stop_pulling()
-        await consumer.wait_closed()
     assert len({d.message_id for d in seen}) == MANY
     assert {d.delivery_attempt for d in seen} == {1}
     # Every ack went out before wait_closed returned, and every deadline has passed: nothing comes back.
