@@ -116,9 +116,22 @@ def delivery(data: bytes, attempt: int | None = 1, held_s: float = 0.0) -> tuple
     )
 
 
-def make(stream: Stream, storage: Storage) -> Pipeline:
-    settings = Settings(input_bucket="inputs", output_bucket="outputs", retry_attempts=3, retry_base_s=0.001)
-    return Pipeline(settings, stream, Catalog(Control()), storage, ThreadPoolExecutor(2))  # type: ignore[arg-type]
+class CountingExecutor(ThreadPoolExecutor):
+    """A thread pool that counts the work handed to it."""
+
+    submitted = 0
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+        self.submitted += 1
+        return super().submit(fn, *args, **kwargs)
+
+
+def make(stream: Stream, storage: Storage, executor: ThreadPoolExecutor | None = None, **overrides: Any) -> Pipeline:
+    settings = Settings(
+        input_bucket="inputs", output_bucket="outputs", retry_attempts=3, retry_base_s=0.001, **overrides
+    )
+    pool = executor or ThreadPoolExecutor(2)
+    return Pipeline(settings, stream, Catalog(Control()), storage, pool)  # type: ignore[arg-type]
 
 
 def job_bytes(job_id: str = "j1", uri: str = "gs://inputs/a.jpg") -> bytes:
@@ -326,3 +339,14 @@ async def test_a_job_gives_its_pixels_back_whatever_the_outcome() -> None:
     d, _ = delivery(job_bytes(job_id="j2"))
     assert await pipeline.handle(d) == SUCCEEDED
     assert pipeline._pixels.used == 0
+
+
+@pytest.mark.parametrize(("inline_max_pixels", "handed_to_threads"), [(1024, 0), (1023, 2)])
+async def test_small_images_are_decoded_and_encoded_inline(inline_max_pixels: int, handed_to_threads: int) -> None:
+    # A 32x32 image (a bucket size, so not padded): 1,024 pixels in, and (the identity model) 1,024 out.
+    storage = Storage({"gs://inputs/a.jpg": sample_image(32, 32)})
+    pool = CountingExecutor(2)
+    pipeline = make(Stream(), storage, pool, inline_max_pixels=inline_max_pixels)
+    d, _ = delivery(job_bytes())
+    assert await pipeline.handle(d) == SUCCEEDED
+    assert pool.submitted == handed_to_threads
