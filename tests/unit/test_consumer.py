@@ -10,6 +10,7 @@ consumer runs against the real emulator in ``tests/integration/test_consumer.py`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -100,42 +101,39 @@ async def subscriber(
         await server.stop(None)
 
 
-def consumer(queue: asyncio.Queue[Delivery]) -> Consumer:
-    return Consumer("projects/p/subscriptions/s", queue, max_messages=5, max_bytes=10**6, max_lease_duration_s=600)
+@contextlib.asynccontextmanager
+async def pulling() -> AsyncIterator[tuple[Consumer, asyncio.Queue[Delivery]]]:
+    """A started consumer of the fake's subscription and its queue; closed (acks sent) when the block ends."""
+    queue: asyncio.Queue[Delivery] = asyncio.Queue()
+    consumer = Consumer("projects/p/subscriptions/s", queue, max_messages=5, max_bytes=10**6, max_lease_duration_s=600)
+    consumer.start()
+    try:
+        yield consumer, queue
+    finally:
+        await consumer.wait_closed()
 
 
 async def test_a_stream_closed_by_the_server_is_reopened(subscriber: BreakingSubscriber) -> None:
-    queue: asyncio.Queue[Delivery] = asyncio.Queue()
-    pulling = consumer(queue)
-    pulling.start()
-    try:
+    async with pulling() as (consumer, queue):
         first = await asyncio.wait_for(queue.get(), WAIT_S)
         second = await asyncio.wait_for(queue.get(), WAIT_S)
         assert (first.message_id, second.message_id) == ("m1", "m2")
         assert subscriber.streams == 2
-        assert pulling.running
+        assert consumer.running
         # A message from the broken stream is still ours to ack: its ack id outlives the stream.
         first.ack()
         second.nack()
-    finally:
-        pulling.stop_pulling()
-        await pulling.wait_closed()
     assert subscriber.acked == ["a1"]
-    assert ("a2", 0) in subscriber.modacked  # the nack: held for its backoff, cut short by the stop
+    assert ("a2", 0) in subscriber.modacked  # the nack: held for its backoff, cut short by the close
 
 
 @pytest.mark.parametrize("subscriber", [grpc.StatusCode.PERMISSION_DENIED], indirect=True)
 async def test_an_error_that_retrying_cannot_mend_stops_the_consumer(subscriber: BreakingSubscriber) -> None:
-    queue: asyncio.Queue[Delivery] = asyncio.Queue()
-    pulling = consumer(queue)
-    pulling.start()
-    try:
+    async with pulling() as (consumer, queue):
         delivery = await asyncio.wait_for(queue.get(), WAIT_S)
-        assert pulling._puller is not None
-        await asyncio.wait_for(asyncio.shield(pulling._puller), WAIT_S)
-        assert not pulling.running
+        assert consumer._puller is not None
+        await asyncio.wait_for(asyncio.shield(consumer._puller), WAIT_S)  # the pull loop has ended
+        assert not consumer.running
         assert subscriber.streams == 1
         delivery.ack()
-    finally:
-        await pulling.wait_closed()
     assert subscriber.acked == ["a1"]
