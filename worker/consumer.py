@@ -13,7 +13,7 @@ threads also contended with the event loop for the GIL.
 - **Flow control** is the consumer's own: at most ``max_messages`` messages and
   ``max_bytes`` bytes are handed to the pipeline at once. The stream asks the
   server for the same bounds, but the emulator ignores them, so messages beyond
-  them wait here, leased, until there is room.
+  them wait here (leased) and the stream is not read until they are handed out.
 - **Leases**: every message held (handed out or waiting) has its ack deadline
   pushed to ``LEASE_EXTENSION_S`` every ``LEASE_RENEW_S``, until it has been held
   ``max_lease_duration`` (the pipeline nacks a job before then).
@@ -202,7 +202,6 @@ class Consumer:
         self._out_bytes = 0
         #: Received beyond the flow-control bounds: leased, waiting for room.
         self._waiting: deque[Delivery] = deque()
-        self._waiting_bytes = 0
         self._room = asyncio.Event()
         self._holds: dict[Delivery, asyncio.TimerHandle] = {}
         self._acks: list[str] = []
@@ -245,7 +244,6 @@ class Consumer:
         # Never handed out: straight back to Pub/Sub.
         while self._waiting:
             self._give_back(self._waiting.popleft())
-        self._waiting_bytes = 0
         # Nacks held for their backoff go out now.
         for delivery, handle in list(self._holds.items()):
             handle.cancel()
@@ -360,7 +358,6 @@ class Consumer:
                 self._give_back(delivery)
             else:
                 self._waiting.append(delivery)
-                self._waiting_bytes += delivery.size
         self._hand_out()
         return len(messages)
 
@@ -369,16 +366,16 @@ class Consumer:
     def _hand_out(self) -> None:
         while self._waiting and not self._stopping and self._has_room(self._waiting[0]):
             delivery = self._waiting.popleft()
-            self._waiting_bytes -= delivery.size
             self._out.add(delivery)
             self._out_bytes += delivery.size
             self._queue.put_nowait(delivery)
-        # Messages past the bounds are read and leased, not left unread in the stream: the server
-        # counts an unread message as delivered, so its deadline runs out and it comes back with one
-        # more delivery attempt (with the emulator, which ignores the bounds, a 5,000-message
-        # backlog left 3,751 copies in the dead-letter topic so). Reading pauses only when what
-        # waits reaches max_bytes on its own.
-        if self._waiting_bytes >= self._max_bytes:
+        # While messages wait for room, the stream is not read: gRPC's flow control then stops the
+        # server from pushing more, and what it has not pushed stays available to other streams.
+        # Reading on (leasing everything the emulator pushes, as it ignores the bounds) was tried:
+        # it ended the backlog chaos run's dead-lettered copies (3,751 to 0), but a SIGKILLed
+        # worker then took the whole backlog down with it, and the emulator handed the expired
+        # messages to no stream already open: the restarted worker sat idle for 90 s.
+        if self._waiting:
             self._room.clear()
         else:
             self._room.set()
