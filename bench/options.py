@@ -29,7 +29,7 @@ class Sizes:
     sweep: tuple[int, ...] = (8, 16, 32, 64)
     sweep_jobs: int = 400
     large_px: int = 1024
-    large_jobs: int = 600  # 64 in flight: fewer jobs leave the ramp up and down a large share of the CPU
+    large_jobs: int = 200
     mode_jobs: int = 1500  # stream against unary: their difference is a few percent, so not too few
 
 
