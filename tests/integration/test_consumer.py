@@ -16,7 +16,7 @@ from worker.consumer import LEASE_EXTENSION_S, NACK_HOLD_BASE_S, Consumer, Deliv
 
 #: Seconds any awaited condition may take on a loaded machine.
 WAIT_S = 30.0
-#: A backlog larger than one streaming-pull response.
+#: A backlog well past the flow-control bound.
 MANY = 500
 
 
@@ -107,7 +107,7 @@ async def test_leases_outlive_the_ack_deadline_and_acks_are_flushed_on_close(
     make_settings: Callable[..., Settings],
 ) -> None:
     settings = make_settings()  # with a dead-letter policy, so deliveries are counted
-    # More than one response of the stream carries: what waits must be read and leased, not left unread.
+    # A backlog, so that messages also wait in the consumer for room while the first five are held.
     await asyncio.to_thread(publish, settings, MANY)
     async with consuming(settings, max_messages=5) as (_, queue):
         held = [await asyncio.wait_for(queue.get(), WAIT_S) for _ in range(5)]
