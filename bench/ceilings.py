@@ -128,9 +128,8 @@ async def pubsub_ceiling(
     queue: asyncio.Queue[Delivery] = asyncio.Queue()
     consumer = Consumer(subscription_path, queue, max_messages=max_messages, max_bytes=10**9, max_lease_duration_s=600)
     times: list[float] = []
-    consumer.start()
     try:
-        async with asyncio.timeout(timeout_s):
+        async with consumer, asyncio.timeout(timeout_s):
             while len(times) < count:
                 delivery = await queue.get()
                 delivery.ack()
@@ -138,9 +137,6 @@ async def pubsub_ceiling(
                 progress(1)
     except TimeoutError:
         raise TimeoutError(f"pubsub ceiling: {len(times)}/{count} messages in {timeout_s:.0f} s") from None
-    finally:
-        consumer.stop_pulling()
-        await consumer.wait_closed()
     first, last = times[0], times[count - 1]
     # The first message's own pull is not timed: rate over the count - 1 intervals.
     return (count - 1) / (last - first)
@@ -164,20 +160,19 @@ async def pubsub_delivery_ms(
             delays.append((time.time() - delivery.publish_time) * 1000)
             delivery.ack()
 
-    consumer.start()
-    receiver = asyncio.create_task(receive())
     try:
-        async with asyncio.timeout(timeout_s):
-            await asyncio.sleep(1.0)  # let the streaming pull open before the first message
-            for i in range(count):
-                await asyncio.to_thread(publisher.publish(topic_path, f"probe-{i}".encode()).result, 30)
-                await asyncio.sleep(1.0 / rate_per_s)
-            await receiver
+        async with consumer, asyncio.timeout(timeout_s):
+            receiver = asyncio.create_task(receive())
+            try:
+                await asyncio.sleep(1.0)  # let the streaming pull open before the first message
+                for i in range(count):
+                    await asyncio.to_thread(publisher.publish(topic_path, f"probe-{i}".encode()).result, 30)
+                    await asyncio.sleep(1.0 / rate_per_s)
+                await receiver
+            finally:
+                receiver.cancel()
     except TimeoutError:
         raise TimeoutError(f"pubsub delivery: {len(delays)}/{count} messages in {timeout_s:.0f} s") from None
     finally:
-        receiver.cancel()
-        consumer.stop_pulling()
-        await consumer.wait_closed()
         publisher.stop()
     return delays

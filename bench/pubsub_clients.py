@@ -67,14 +67,9 @@ async def _library(subscription: str) -> None:
 
 async def _own(subscription: str) -> None:
     queue: asyncio.Queue[Delivery] = asyncio.Queue()
-    consumer = Consumer(subscription, queue, max_messages=HELD, max_bytes=10**9, max_lease_duration_s=600)
-    consumer.start()
-    try:
+    async with Consumer(subscription, queue, max_messages=HELD, max_bytes=10**9, max_lease_duration_s=600):
         for _ in range(MESSAGES):
             (await queue.get()).ack()
-    finally:
-        consumer.stop_pulling()
-        await consumer.wait_closed()
 
 
 async def measure() -> dict[str, dict[str, float]]:

@@ -177,6 +177,9 @@ def open_channel() -> grpc.aio.Channel:
 class Consumer:
     """Streaming pull of one subscription into ``queue``; ``start()`` once, ``stop_pulling()`` to stop.
 
+    ``async with`` starts it and, on leaving, stops it and sends the last acks (``wait_closed``); the
+    worker instead calls the steps itself, in its ordered shutdown.
+
     Everything runs on the event loop that called ``start``.
     """
 
@@ -234,6 +237,13 @@ class Consumer:
         self._leaser = asyncio.create_task(self._renew_leases(), name="pubsub-leases")
         self._settler = asyncio.create_task(self._send_settlements(), name="pubsub-settle")
         log.info("consumer_started", subscription=self._subscription)
+
+    async def __aenter__(self) -> Consumer:
+        self.start()
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.wait_closed()
 
     def stop_pulling(self) -> None:
         """Stop receiving; what was handed out stays held until the pipeline settles it."""

@@ -38,13 +38,8 @@ async def consuming(
 ) -> AsyncIterator[tuple[Consumer, asyncio.Queue[Delivery]]]:
     """A started consumer and its queue; stopped and closed (acks flushed) when the block ends."""
     queue: asyncio.Queue[Delivery] = asyncio.Queue()
-    consumer = consumer_for(settings, queue, max_messages)
-    consumer.start()
-    try:
+    async with consumer_for(settings, queue, max_messages) as consumer:
         yield consumer, queue
-    finally:
-        consumer.stop_pulling()
-        await consumer.wait_closed()
 
 
 async def until(condition: Callable[[], bool]) -> None:
@@ -149,11 +144,8 @@ async def test_a_nack_after_stop_goes_back_at_once(make_settings: Callable[..., 
 async def test_a_missing_subscription_stops_the_consumer(make_settings: Callable[..., Settings]) -> None:
     settings = make_settings()
     queue: asyncio.Queue[Delivery] = asyncio.Queue()
-    consumer = Consumer(
+    missing = Consumer(
         settings.subscription_path + "-missing", queue, max_messages=5, max_bytes=10**8, max_lease_duration_s=600
     )
-    consumer.start()
-    try:
+    async with missing as consumer:
         await until(lambda: not consumer.running)
-    finally:
-        await consumer.wait_closed()

@@ -106,11 +106,8 @@ async def pulling() -> AsyncIterator[tuple[Consumer, asyncio.Queue[Delivery]]]:
     """A started consumer of the fake's subscription and its queue; closed (acks sent) when the block ends."""
     queue: asyncio.Queue[Delivery] = asyncio.Queue()
     consumer = Consumer("projects/p/subscriptions/s", queue, max_messages=5, max_bytes=10**6, max_lease_duration_s=600)
-    consumer.start()
-    try:
+    async with consumer:
         yield consumer, queue
-    finally:
-        await consumer.wait_closed()
 
 
 async def test_a_stream_closed_by_the_server_is_reopened(subscriber: BreakingSubscriber) -> None:
