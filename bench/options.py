@@ -23,7 +23,7 @@ class Sizes:
     ceiling_jobs: int = 2000
     low_rate_jobs: int = 100
     low_rate_per_s: float = 5.0
-    delivery_probes: int = 25  # Pub/Sub's own delivery latency, at the low rate
+    delivery_probes: int = 100  # Pub/Sub's own delivery latency, at the low rate (p50 of ~uniform 0-50 ms)
     saturation_fraction: float = 0.9  # latency at saturation: paced at this fraction of e2e throughput
     saturation_s: float = 15.0  # ... for this long
     sweep: tuple[int, ...] = (8, 16, 32, 64)

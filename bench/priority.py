@@ -22,10 +22,8 @@ from typing import Any
 
 from bench import sim_model, stats, workload
 from bench.progress import Progress
-from bench.runs import Lab
+from bench.runs import Lab, started_lab
 from worker.client import JobClient, build_job
-from worker.config import Settings
-from worker.stack import Stack
 
 LOW_JOBS = 1000
 HIGH_JOBS = 20
@@ -85,17 +83,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     state_dir = Path("build/priority-state").resolve()
     progress = Progress(2)
     repository = sim_model.prepare_repository(state_dir / "model_repository", sim_model.SimProfile(), priorities=True)
-    stack = Stack(state_dir=state_dir, model_repository=repository)
-    try:
-        progress.phase("starting the stack")
-        stack.start(progress=progress.note)
-        base = Settings()
-        stack.provision(base)
-        with stack.environ(base):
-            progress.phase("measuring")
-            figures = asyncio.run(measure(Lab(stack, state_dir, progress)))
-    finally:
-        stack.stop()
+    progress.phase("starting the stack")
+    with started_lab(state_dir, repository, progress) as lab:
+        progress.phase("measuring")
+        figures = asyncio.run(measure(lab))
     document = {"low_jobs": LOW_JOBS, "high_jobs": HIGH_JOBS, "image_px": IMAGE_PX, "runs": figures}
     out = Path("build/priority.json")
     out.parent.mkdir(parents=True, exist_ok=True)

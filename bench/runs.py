@@ -24,11 +24,12 @@ they share the worker's cores.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import time
 import urllib.request
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -192,6 +193,26 @@ class Lab:
         components = (self.stack.pubsub, self.stack.gcs, self.stack.triton)
         cpu = {c.name: procstat.group_cpu_seconds(c.proc.pid) for c in components if c.proc is not None}
         return TritonSnapshot(counts, histogram, cpu)
+
+
+@contextlib.contextmanager
+def started_lab(state_dir: Path, repository: Path, progress: Progress) -> Iterator[Lab]:
+    """Start the stack on ``repository`` and yield its ``Lab``, inside the stack's environment.
+
+    The default ``Settings`` are provisioned and exported (``Settings()`` inside
+    the block reads the stack's endpoints); the stack stops when the block ends,
+    however it ends.
+    """
+    stack = Stack(state_dir=state_dir, model_repository=repository)
+    try:
+        stack.start(progress=progress.note)
+        base = Settings()
+        stack.provision(base)
+        with stack.environ(base):
+            yield Lab(stack, state_dir, progress)
+    finally:
+        progress.note("stopping the stack")
+        stack.stop()
 
 
 class Attached(Protocol):

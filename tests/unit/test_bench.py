@@ -159,6 +159,25 @@ def test_derive_ratios_and_targets() -> None:
     }
 
 
+def test_low_rate_target_counts_pubsub_delivery_in_the_floor() -> None:
+    doc = measured_doc()
+    doc["pubsub_delivery_ms"] = {"p50": 28.0, "p95": 50.0, "p99": 52.0}
+    doc["low_rate_latency_ms"] = {"p50": 110.0, "p95": 120.0, "p99": 130.0}
+    doc = report.derive(doc)
+    assert doc["low_rate_floor_parts_ms"] == {
+        "image_work": 1.5,
+        "model_execution": 61.0,
+        "queue_delay": 5.0,
+        "pubsub_delivery": 28.0,
+    }
+    assert doc["low_rate_floor_ms"] == 95.5
+    assert doc["low_rate_target_ms"] == 120.5
+    assert {t["figure"]: t["met"] for t in doc["targets"]}["low_rate_latency_ms.p50"] is True
+    doc["low_rate_latency_ms"]["p50"] = 121.0
+    assert {t["figure"]: t["met"] for t in report.derive(doc)["targets"]}["low_rate_latency_ms.p50"] is False
+    assert "pubsub delivery 28.0" in report.table(doc)
+
+
 def test_derive_with_nothing_measured() -> None:
     doc = report.derive({"errors": {"stack": "did not start"}})
     assert doc["speedup_vs_naive"] is None and doc["e2e_vs_ceiling"] is None
