@@ -29,7 +29,7 @@ class Sizes:
     sweep: tuple[int, ...] = (8, 16, 32, 64)
     sweep_jobs: int = 400
     large_px: int = 1024
-    large_jobs: int = 200
+    large_jobs: int = 400  # past the in-flight limit many times over: start-up costs (regions, pools) amortised
     mode_jobs: int = 1500  # stream against unary: their difference is a few percent, so not too few
 
 
