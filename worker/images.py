@@ -2,7 +2,9 @@
 
 Bytes in, arrays out, and back; no I/O and no event loop, so the pipeline may
 run these functions anywhere: small images on its event loop, large ones in its
-thread pool (Pillow releases the GIL while it decodes, resizes and encodes).
+thread pool. Measured with 1024 px JPEGs: Pillow releases the GIL for much of a
+decode (two threads decode 1.4x as fast as one), while encoding into memory
+holds it throughout (two threads encode no faster than one).
 Decoding is the security boundary for untrusted input: the byte size, the pixel
 count (checked from the header, before any pixel is decoded) and the format are
 all limited, and anything Pillow cannot read is a ``PermanentJobError``.
