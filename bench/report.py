@@ -167,6 +167,11 @@ def rows(doc: Mapping[str, Any]) -> list[tuple[str, str, str]]:
         ),
         ("pubsub_delivery_ms p50/p95/p99 (publish to hand-out, alone)", fmt_latency(doc.get("pubsub_delivery_ms")), ""),
         (
+            "low_rate_waiting_ms p50/p95/p99 (publish to pull, in the low-rate run)",
+            fmt_latency(doc.get("low_rate_waiting_ms")),
+            "",
+        ),
+        (
             f"low_rate_floor_ms ({_parts_text(doc.get('low_rate_floor_parts_ms'))})",
             fmt(doc.get("low_rate_floor_ms")),
             "",

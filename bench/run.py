@@ -110,6 +110,7 @@ class Bench:
             )
             doc["low_rate_latency_ms"] = figures.latency_ms
             doc["low_rate_stages_ms"] = figures.stages_ms
+            doc["low_rate_waiting_ms"] = figures.waiting_ms
             doc["low_rate_per_s"], doc["low_rate_jobs"] = sizes.low_rate_per_s, sizes.low_rate_jobs
             doc.setdefault("runs", {})["low_rate"] = figures.as_dict()
             self.lab.progress.note(f"latency {report.fmt_latency(figures.latency_ms)}")
@@ -316,7 +317,8 @@ NOTES = (
     "streaming pull + ack through worker.consumer with the worker's flow control. e2e_vs_ceiling uses the "
     "slowest of the three.",
     "pubsub_delivery_ms: publish (the emulator's publish time) to worker.consumer handing it out, at the low rate, "
-    "probe messages alone: the share of low-rate latency Pub/Sub itself takes.",
+    "probe messages alone: the share of low-rate latency Pub/Sub itself takes. low_rate_waiting_ms cross-checks "
+    "it inside the low-rate run: each job's latency less its stage timings (publish to pull).",
     "stack_cpu_ms_per_job: CPU of each stack component's process group (/proc) during the main run, per job; "
     "machine_cpu_ms_per_job adds the worker's; ceiling_machine_cpu_jobs_per_s = CPUs x 1000 / that: the most "
     "this machine's cores allow with the emulators on them (not one of the three ceilings of e2e_vs_ceiling).",

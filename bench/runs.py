@@ -11,7 +11,8 @@ Timing sources: throughput runs from the first job's start (its record's
 finish time less its stage timings, i.e. its pull) to the last record written
 (the ack follows at once); latency is the record's ``latency_ms`` (publish to
 record written); ``service_ms`` is the sum of a job's stage timings (pull to
-record written). CPU per job is the worker's CPU time when its last job is
+record written); ``waiting_ms`` is the first less the second, job by job
+(publish to pull: on a quiet system, Pub/Sub's delivery). CPU per job is the worker's CPU time when its last job is
 done, less its CPU time just before it took its first message (its start-up;
 ``worker_proc.baseline_cpu_s``, or failing that an idle worker's,
 ``Lab.measure_startup``), over the jobs; the slope of CPU time against jobs
@@ -87,6 +88,7 @@ class RunFigures:
     peak_rss_mb: float
     latency_ms: dict[str, float] | None
     service_ms: dict[str, float] | None
+    waiting_ms: dict[str, float] | None  # publish to pull: latency less service, job by job
     avg_batch: float | None
     batch_histogram: dict[int, int]
     stages_ms: dict[str, float]  # mean per stage
@@ -107,6 +109,7 @@ class RunFigures:
             "peak_rss_mb": round(self.peak_rss_mb, 1),
             "latency_ms": self.latency_ms,
             "service_ms": self.service_ms,
+            "waiting_ms": self.waiting_ms,
             "avg_batch_size": self.avg_batch,
             "batch_histogram": {str(k): v for k, v in self.batch_histogram.items()},
             "stages_ms": self.stages_ms,
@@ -312,6 +315,7 @@ def _figures(
         peak_rss_mb=peak_rss_mb,
         latency_ms=stats.summarize([t.latency_ms for t in done]),
         service_ms=stats.summarize([t.service_ms for t in done]),
+        waiting_ms=stats.summarize([t.latency_ms - t.service_ms for t in done]),
         avg_batch=(after.counts - before.counts).avg_batch,
         batch_histogram=stats.histogram_delta(after.histogram, before.histogram),
         stages_ms={name: round(sum(t.stages_ms.get(name, 0.0) for t in done) / len(done), 3) for name in stages},

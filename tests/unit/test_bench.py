@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import io
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from PIL import Image
 
-from bench import plot, procstat, profiler, report, stats
+from bench import plot, procstat, profiler, report, runs, stats
+from bench.runs import TritonSnapshot
 from bench.sim_model import MODEL_NAME, REPOSITORY, SimProfile, read_config, with_profile
 from bench.worker_proc import Sample, baseline_cpu_s
 from bench.workload import JobTiming
@@ -139,6 +141,34 @@ def measured_doc() -> dict[str, Any]:
         "sweep": [{"max_in_flight": 8, "jobs": 400, "jobs_per_s": 40.0, "service_ms": {"p50": 100.0, "p99": 200.0}}],
         "notes": ["a note"],
     }
+
+
+def test_run_figures_split_latency_into_waiting_and_service() -> None:
+    def timing(job_id: str, latency_ms: float, infer_ms: float) -> JobTiming:
+        return JobTiming.of(
+            JobResult(
+                job_id=job_id,
+                status=JobResult.SUCCEEDED,
+                finished_at="2026-01-01T00:00:10.000Z",
+                latency_ms=latency_ms,
+                timings_ms={"fetch": 2.0, "infer": infer_ms},
+            )
+        )
+
+    snapshot = TritonSnapshot(stats.TritonCounts(0, 0), {}, {})
+    figures = runs._figures(
+        SimpleNamespace(startup_cpu_s=1.0),  # type: ignore[arg-type]
+        runs.RunSpec("low-rate", 3, 256),
+        timings=[timing("a", 100.0, 68.0), timing("b", 110.0, 68.0), timing("c", 150.0, 98.0)],
+        before=snapshot,
+        after=snapshot,
+        samples=[Sample(at=0.0, done=3, busy=0, nacked=0, cpu_s=1.5)],
+        peak_rss_mb=100.0,
+    )
+    assert figures.waiting_ms is not None and figures.service_ms is not None
+    assert [figures.waiting_ms[p] for p in ("p50", "mean")] == [40.0, 40.0]  # 30, 40, 50 ms publish to pull
+    assert figures.service_ms["p50"] == 70.0
+    assert figures.as_dict()["waiting_ms"] == figures.waiting_ms
 
 
 def test_derive_ratios_and_targets() -> None:
