@@ -2,6 +2,7 @@
 
 This is the face of the worker and the only place that handles signals:
 SIGTERM and SIGINT become ``Worker.request_stop()`` (or stop the local stack).
+It also owns the worker process's interpreter settings (``tune_gc``).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import signal
@@ -25,6 +27,8 @@ from worker.config import Settings, settings_markdown
 from worker.jobs import ImageJob, JobResult
 
 STATE_DIR = Path(".tritonq")
+#: Allocations between collections of the youngest generation (CPython's default: 700).
+GC_YOUNG_THRESHOLD = 20_000
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -101,8 +105,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def tune_gc() -> None:
+    """Freeze what start-up built and collect the young generation less often.
+
+    A job allocates thousands of short-lived objects (protobuf messages, HTTP requests, futures). With
+    CPython's defaults the collector ran 155 times while the worker drained the benchmark's 2,000 jobs,
+    0.23 s in all (``gc.callbacks``), about 3% of its CPU, 80 ms of it one full collection walking the
+    ~100,000 objects the imports made. Frozen, those are never walked again; with a young generation of
+    20,000 the same run collected once (0.01 s). Reference counting still frees a job's arrays as soon
+    as it ends (``test_a_job_frees_its_arrays_without_the_garbage_collector``); only cyclic garbage
+    waits longer.
+    """
+    gc.collect()
+    gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
+
+
 def _run_worker(settings: Settings) -> int:
     from worker.service import Worker
+
+    tune_gc()  # after the import above, which loads nearly every module the worker runs
 
     async def serve() -> None:
         worker = Worker(settings)

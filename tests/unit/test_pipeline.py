@@ -8,8 +8,10 @@ tests/integration.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -339,6 +341,36 @@ async def test_a_job_gives_its_pixels_back_whatever_the_outcome() -> None:
     d, _ = delivery(job_bytes(job_id="j2"))
     assert await pipeline.handle(d) == SUCCEEDED
     assert pipeline._pixels.used == 0
+
+
+@dataclass
+class Watching(Stream):
+    """Keeps a weak reference to every input array; ``down`` fails each call with a new exception."""
+
+    down: bool = False
+    seen: list[weakref.ref[Any]] = field(default_factory=list)
+
+    async def infer(self, model: str, version: str, inputs: Any, **options: Any) -> InferResult:
+        self.seen.append(weakref.ref(inputs[0][2]))
+        if self.down:
+            raise TransientError("triton down")
+        return await super().infer(model, version, inputs, **options)
+
+
+@pytest.mark.parametrize(("down", "outcome"), [(False, SUCCEEDED), (True, NACKED)])
+async def test_a_job_frees_its_arrays_without_the_garbage_collector(down: bool, outcome: str) -> None:
+    # The worker collects cyclic garbage rarely (cli.tune_gc): a job's pixels must not wait for it.
+    storage = Storage({"gs://inputs/a.jpg": sample_image(64, 48)})
+    stream = Watching(down=down)
+    pipeline = make(stream, storage)
+    gc.collect()
+    gc.disable()
+    try:
+        d, _ = delivery(job_bytes())
+        assert await pipeline.handle(d) == outcome
+        assert stream.seen and all(ref() is None for ref in stream.seen)
+    finally:
+        gc.enable()
 
 
 @pytest.mark.parametrize(("inline_max_pixels", "handed_to_threads"), [(1024, 0), (1023, 2)])
