@@ -191,6 +191,7 @@ def rows(doc: Mapping[str, Any]) -> list[tuple[str, str, str]]:
         ),
         ("ceiling_machine_cpu_jobs_per_s (CPUs / that)", fmt(doc.get("ceiling_machine_cpu_jobs_per_s")), ""),
         ("peak_rss_mb", fmt(doc.get("peak_rss_mb"), 1), ""),
+        ("redelivered copies in the main run (emulator churn)", fmt(doc.get("redelivered")), ""),
         (
             f"{large.get('image_px', 1024)} px payload_cpu_ms_per_job ({large.get('jobs')} jobs)",
             fmt(large.get("payload_cpu_ms_per_job")),

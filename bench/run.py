@@ -217,6 +217,7 @@ class Bench:
                 # All processes of the job share this machine's cores: the most they allow.
                 doc["ceiling_machine_cpu_jobs_per_s"] = round((os.cpu_count() or 1) * 1000 / total, 1)
             doc["peak_rss_mb"] = round(figures.peak_rss_mb, 1)
+            doc["redelivered"] = figures.redelivered
             doc["avg_batch_size"] = figures.avg_batch
             doc["largest_batch_seen"] = max(figures.batch_histogram, default=None)
             doc["batch_histogram"] = {str(k): v for k, v in figures.batch_histogram.items()}
@@ -326,6 +327,10 @@ NOTES = (
     "memory backend spends CPU per write in proportion to the objects already in the bucket, which real GCS does "
     "not, and one bucket of 4,000 objects made storage the bottleneck of the benchmark.",
     "peak_rss_mb: VmHWM of the worker process in the main run.",
+    "redelivered: copies of jobs already finished that the worker was handed again during the main run, "
+    "found done by their record and acked (the worker's duplicate count): the emulator ignores the stream's "
+    "flow control, and messages it pushed while the worker was not reading expire and come back. Their CPU is "
+    "in worker_cpu_ms_per_job; the run counts as done when every job has finished once.",
     "sweep: a backlog per in-flight limit with TRITONQ_MAX_MESSAGES equal to it; the plot's latency is service_ms p99.",
     "large: 1024 px images, TRITONQ_SHARED_MEMORY=off (payloads in the gRPC messages) and =auto (system shared "
     "memory); null where the worker has no such setting.",

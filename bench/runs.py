@@ -89,6 +89,7 @@ class RunFigures:
     latency_ms: dict[str, float] | None
     service_ms: dict[str, float] | None
     waiting_ms: dict[str, float] | None  # publish to pull: latency less service, job by job
+    redelivered: int  # copies of finished jobs the worker was handed again (the emulator's churn)
     avg_batch: float | None
     batch_histogram: dict[int, int]
     stages_ms: dict[str, float]  # mean per stage
@@ -110,6 +111,7 @@ class RunFigures:
             "latency_ms": self.latency_ms,
             "service_ms": self.service_ms,
             "waiting_ms": self.waiting_ms,
+            "redelivered": self.redelivered,
             "avg_batch_size": self.avg_batch,
             "batch_histogram": {str(k): v for k, v in self.batch_histogram.items()},
             "stages_ms": self.stages_ms,
@@ -316,6 +318,7 @@ def _figures(
         latency_ms=stats.summarize([t.latency_ms for t in done]),
         service_ms=stats.summarize([t.service_ms for t in done]),
         waiting_ms=stats.summarize([t.latency_ms - t.service_ms for t in done]),
+        redelivered=int(samples[-1].redelivered) if samples else 0,
         avg_batch=(after.counts - before.counts).avg_batch,
         batch_histogram=stats.histogram_delta(after.histogram, before.histogram),
         stages_ms={name: round(sum(t.stages_ms.get(name, 0.0) for t in done) / len(done), 3) for name in stages},

@@ -60,6 +60,9 @@ def metric_sum(text: str, name: str, where: Mapping[str, str] | None = None) -> 
 
 #: Outcomes that finish a job for good (``nacked`` and ``retried`` do not: the job comes back).
 FINAL_OUTCOMES = ("succeeded", "failed_permanent", "duplicate")
+#: The final outcomes a job has once, the first time it finishes; ``duplicate`` is a later copy of a
+#: job already finished (a redelivery), so counting it would call a run done before its last job.
+FIRST_OUTCOMES = ("succeeded", "failed_permanent")
 
 
 def jobs_finished(worker_metrics: str) -> dict[str, float]:

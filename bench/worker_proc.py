@@ -51,10 +51,25 @@ class Sample:
     """One scrape: when, jobs finished so far, messages taken so far, nacks, the worker's CPU seconds."""
 
     at: float  # time.monotonic()
-    done: float
+    done: float  # jobs finished for the first time
     busy: float  # messages held plus jobs in flight now
     nacked: float
     cpu_s: float
+    redelivered: float = 0.0  # copies of jobs already finished, found done by their record and acked
+
+    @classmethod
+    def of(cls, metrics: str, *, at: float, cpu_s: float) -> Sample:
+        """A sample from the text of the worker's ``/metrics``."""
+        finished = stats.jobs_finished(metrics)
+        return cls(
+            at=at,
+            done=sum(finished[outcome] for outcome in stats.FIRST_OUTCOMES),
+            busy=stats.metric_sum(metrics, "tritonq_messages_held")
+            + stats.metric_sum(metrics, "tritonq_jobs_in_flight"),
+            nacked=stats.metric_sum(metrics, "tritonq_jobs_total", {"outcome": "nacked"}),
+            cpu_s=cpu_s,
+            redelivered=finished["duplicate"],
+        )
 
 
 def baseline_cpu_s(samples: Sequence[Sample]) -> float | None:
@@ -156,13 +171,7 @@ class WorkerProcess:
             text = self.metrics()
         except (OSError, urllib.error.URLError):
             return None
-        return Sample(
-            at=time.monotonic(),
-            done=sum(stats.jobs_finished(text).values()),
-            busy=stats.metric_sum(text, "tritonq_messages_held") + stats.metric_sum(text, "tritonq_jobs_in_flight"),
-            nacked=stats.metric_sum(text, "tritonq_jobs_total", {"outcome": "nacked"}),
-            cpu_s=self.cpu_seconds(),
-        )
+        return Sample.of(text, at=time.monotonic(), cpu_s=self.cpu_seconds())
 
 
 async def watch(worker: WorkerProcess, total: int, timeout_s: float, progress: Callable[[int], None]) -> list[Sample]:

@@ -52,6 +52,15 @@ def test_metric_sum_filters_by_name_and_labels() -> None:
     assert stats.jobs_finished(WORKER_METRICS) == {"succeeded": 1990.0, "failed_permanent": 3.0, "duplicate": 0.0}
 
 
+def test_a_sample_counts_each_job_once_and_redeliveries_apart() -> None:
+    text = WORKER_METRICS + (
+        'tritonq_jobs_total{model="sim_gpu",outcome="duplicate",version="1"} 7.0\n'
+        "tritonq_messages_held{} 5.0\ntritonq_jobs_in_flight{} 2.0\n"
+    )
+    sample = Sample.of(text, at=1.0, cpu_s=2.5)
+    assert (sample.done, sample.redelivered, sample.busy, sample.cpu_s) == (1993.0, 7.0, 7.0, 2.5)
+
+
 def test_triton_counts_average_batch() -> None:
     before = stats.TritonCounts(inferences=0, executions=0)
     after = stats.TritonCounts.parse(TRITON_METRICS, "sim_gpu")
