@@ -70,6 +70,10 @@ def derive(doc: dict[str, Any]) -> dict[str, Any]:
     if isinstance(large, dict):
         payload, shm = large.get("payload_cpu_ms_per_job"), large.get("shm_cpu_ms_per_job")
         large["shm_cpu_cut"] = round(1 - shm / payload, 3) if payload and shm is not None else None
+        for variant in ("payload", "shm"):  # not a target: the same ratio where the image work is larger
+            large[f"{variant}_overhead_ratio"] = ratio(
+                large.get(f"{variant}_cpu_ms_per_job"), large.get("floor_cpu_ms_per_job")
+            )
     doc["targets"] = [check(doc, *target) for target in TARGETS]
     return doc
 
@@ -198,6 +202,12 @@ def rows(doc: Mapping[str, Any]) -> list[tuple[str, str, str]]:
             "",
         ),
         (f"{large.get('image_px', 1024)} px shm_cpu_ms_per_job", fmt(large.get("shm_cpu_ms_per_job")), ""),
+        (
+            f"{large.get('image_px', 1024)} px overhead_ratio: payload / shm "
+            f"(floor {fmt(large.get('floor_cpu_ms_per_job'))})",
+            f"{fmt(large.get('payload_overhead_ratio'))} / {fmt(large.get('shm_overhead_ratio'))}",
+            "",
+        ),
         ("shared-memory CPU cut", fmt(large.get("shm_cpu_cut"), 3), _target_text(doc, "large.shm_cpu_cut")),
         (
             f"stream / unary jobs_per_s ({modes.get('jobs')} jobs)",

@@ -146,7 +146,7 @@ def measured_doc() -> dict[str, Any]:
         "ceiling_infer_per_s": 150.0,
         "ceiling_storage_jobs_per_s": 300.0,
         "ceiling_pubsub_msgs_per_s": 1500.0,
-        "large": {"payload_cpu_ms_per_job": 20.0, "shm_cpu_ms_per_job": None},
+        "large": {"payload_cpu_ms_per_job": 20.0, "shm_cpu_ms_per_job": None, "floor_cpu_ms_per_job": 12.5},
         "sweep": [{"max_in_flight": 8, "jobs": 400, "jobs_per_s": 40.0, "service_ms": {"p50": 100.0, "p99": 200.0}}],
         "notes": ["a note"],
     }
@@ -187,6 +187,7 @@ def test_derive_ratios_and_targets() -> None:
     assert doc["slowest_ceiling"] == "infer"
     assert doc["e2e_vs_ceiling"] == 0.8
     assert doc["low_rate_target_ms"] == 92.5
+    assert (doc["large"]["payload_overhead_ratio"], doc["large"]["shm_overhead_ratio"]) == (1.6, None)
     met = {t["figure"]: t["met"] for t in doc["targets"]}
     assert met == {
         "speedup_vs_naive": True,
