@@ -59,10 +59,10 @@ class Settings(BaseSettings):
         "http://localhost:8002/metrics", description="Triton's Prometheus endpoint (used by `tritonq bench`)."
     )
     triton_mode: Literal["stream", "unary"] = Field(
-        "unary",
-        description="`unary`: one `ModelInfer` call per request, multiplexed on one HTTP/2 connection; `stream`: "
-        "long-lived gRPC streams, one per model and priority. Unary costs less CPU at the same throughput "
-        "(README Performance).",
+        "stream",
+        description="`stream`: long-lived gRPC streams, one per model and priority; `unary`: one `ModelInfer` call "
+        "per request. Both multiplex on one HTTP/2 connection; streams are at least as fast, unary calls cost "
+        "less worker CPU (README Performance).",
     )
     shared_memory: Literal["auto", "off"] = Field(
         "auto",

@@ -1,16 +1,17 @@
 """``TritonStream``: inference requests to Triton over one gRPC channel, many in flight at once.
 
-Two modes, one interface. ``unary`` (the default) sends one ``ModelInfer`` call
-per request, all multiplexed on the channel's one HTTP/2 connection;
-``stream`` keeps long-lived ``ModelStreamInfer`` calls ("lanes", below). Either
-way Triton's dynamic batcher sees a steady flow of single requests and forms
-the batches, and every request has a deadline. Measured on the benchmark's
-stack (256 px jobs, sim_gpu): throughput level within noise (eight paired
-runs, either mode ahead by up to 22%), and unary cheaper in worker CPU in every
-pair (``make bench``: 3.99 against 4.54 ms per job; 4.2 to 4.9 against 4.6 to
-5.6 in five runs of 1,500 jobs). A unary call hands grpc's core its sends and
-receives as one batch of operations; a stream crosses into the core and back
-for every write and every read.
+Two modes, one interface. ``stream`` (the default) keeps long-lived
+``ModelStreamInfer`` calls ("lanes", below); ``unary`` sends one ``ModelInfer``
+call per request; both multiplex everything on the channel's one HTTP/2
+connection. Either way Triton's dynamic batcher sees a steady flow of single
+requests and forms the batches, and every request has a deadline. Measured on
+the benchmark's stack (256 px jobs, sim_gpu, 19 paired runs of 1,500 jobs):
+streams at least as fast (ahead in 11, by 2% on average in six interleaved
+pairs), unary cheaper in worker CPU in every pair (4.39 against 5.04 ms per job
+on average in those six). A unary call hands grpc's core its sends and receives
+as one batch of operations; a stream crosses into the core and back for every
+write and every read. Throughput decides the default; ``unary`` is there for a
+worker short of CPU.
 
 Why not ``tritonclient.grpc.aio``'s helpers: its ``stream_infer`` turns an
 error response into an exception without the request id, so a failed request
@@ -288,8 +289,8 @@ class TritonStream:
     therefore gets its own *lane*: one long-lived stream opened on first use,
     all lanes multiplexed over one HTTP/2 connection. Within a lane the
     requests are alike and batched together, so in-order delivery costs
-    nothing. ``mode="unary"`` (the default) sends one ``ModelInfer`` call
-    per request instead, which has no such ordering at all.
+    nothing. ``mode="unary"`` sends one ``ModelInfer`` call per request
+    instead, which has no such ordering at all.
     """
 
     def __init__(
@@ -298,7 +299,7 @@ class TritonStream:
         *,
         request_timeout_s: float,
         queue_size: int = 256,
-        mode: str = "unary",
+        mode: str = "stream",
         shm_pool: ShmPool | None = None,
     ) -> None:
         if mode not in ("stream", "unary"):
@@ -328,6 +329,11 @@ class TritonStream:
         if self._channel is not None:
             await self._channel.close()
             self._channel = None
+
+    @property
+    def lanes(self) -> int:
+        """Streams opened so far (stream mode; always 0 in unary mode)."""
+        return len(self._lanes)
 
     @property
     def in_flight(self) -> int:

@@ -122,30 +122,37 @@ async def test_bad_input_is_recorded_and_acked_while_good_jobs_succeed(
     assert undelivered(settings) == 0
 
 
-async def test_shared_memory_path_gives_the_same_results(
+async def test_shared_memory_and_unary_paths_give_the_same_results(
     make_settings: Callable[..., Settings], worker_for: Any
 ) -> None:
+    # Shared memory on and off over the default streams, and on over unary calls.
     pixels: dict[str, list[Any]] = {}
-    for mode in ("auto", "off"):
-        settings = make_settings(shared_memory=mode)
+    for mode, triton_mode in (("auto", "stream"), ("off", "stream"), ("auto", "unary")):
+        settings = make_settings(shared_memory=mode, triton_mode=triton_mode)
+        key = f"shm-{mode}-{triton_mode}"
         async with JobClient(settings) as client:
             uri = await client.upload_bytes(sample_image(200, 120, seed=5), "shm.jpg")
             jobs = [
-                build_job("enhance", input_uri=uri, job_id=f"shm-{mode}-enhance", version="1", output_format="png"),
-                build_job("upscale", input_uri=uri, job_id=f"shm-{mode}-upscale", params={"scale": "2"}),
-                build_job("embedding", input_uri=uri, job_id=f"shm-{mode}-embedding", output_format="npy"),
+                build_job("enhance", input_uri=uri, job_id=f"{key}-enhance", version="1", output_format="png"),
+                build_job("upscale", input_uri=uri, job_id=f"{key}-upscale", params={"scale": "2"}),
+                build_job("embedding", input_uri=uri, job_id=f"{key}-embedding", output_format="npy"),
             ]
             await asyncio.gather(*(client.publish(job) for job in jobs))
             async with worker_for(settings) as worker:
                 results = await asyncio.gather(*(client.wait(job, timeout_s=120) for job in jobs))
                 used = worker.shm_pool.allocated_bytes if worker.shm_pool else 0
+                lanes = worker.stream.lanes
             outputs = [await client.read(r.output_uri) for r in results]
         assert [r.status for r in results] == [JobResult.SUCCEEDED] * 3
         assert (used > 0) == (mode == "auto")
+        assert (lanes > 0) == (triton_mode == "stream")
         with Image.open(io.BytesIO(outputs[0])) as enhanced, Image.open(io.BytesIO(outputs[1])) as upscaled:
             assert enhanced.size == (200, 120)
             assert upscaled.size == (400, 240)
-            pixels[mode] = [np.asarray(enhanced), np.load(io.BytesIO(outputs[2]))]
-    # The same results either way: enhance v1 is deterministic, PNG lossless, the embedding exact.
-    assert np.array_equal(pixels["auto"][0], pixels["off"][0])
-    assert np.array_equal(pixels["auto"][1], pixels["off"][1])
+            pixels[key] = [np.asarray(enhanced), np.load(io.BytesIO(outputs[2]))]
+    # The same results every way: enhance v1 is deterministic, PNG lossless, the embedding exact.
+    first, *others = pixels.values()
+    for other in others:
+        assert np.array_equal(first[0], other[0])
+        assert np.array_equal(first[1], other[1])
+    assert len(pixels) == 3
