@@ -152,7 +152,8 @@ class PixelBudget:
             if future.done() and not future.cancelled():
                 self.release(weight)  # granted as we were cancelled: hand it on
             else:
-                self._waiting.remove(entry)
+                if entry in self._waiting:  # a grant may have passed over it already
+                    self._waiting.remove(entry)
                 self._grant()  # a large job leaving the head may let the next ones in
             raise
 
@@ -164,8 +165,16 @@ class PixelBudget:
         return self._used == 0 or self._used + weight <= self._limit
 
     def _grant(self) -> None:
-        while self._waiting and self._fits(self._waiting[0][0]):
-            weight, future = self._waiting.popleft()
+        while self._waiting:
+            weight, future = self._waiting[0]
+            if future.done():
+                # Cancelled while waiting (a shutdown cancels many at once): its task has not run
+                # its handler yet, and leaves without pixels.
+                self._waiting.popleft()
+                continue
+            if not self._fits(weight):
+                return
+            self._waiting.popleft()
             self._used += weight
             future.set_result(None)
 
@@ -215,12 +224,14 @@ class Admission:
         except asyncio.CancelledError:
             if future.done() and not future.cancelled():
                 self.release()  # admitted as we were cancelled: hand the slot on
-            else:
+            elif entry in self._waiting:  # a release may have passed over it already
                 self._waiting.remove(entry)
             raise
 
     def release(self) -> None:
         self._in_flight -= 1
+        # Waiters cancelled but not yet resumed (a shutdown cancels many at once) take no slot.
+        self._waiting = [entry for entry in self._waiting if not entry[3].done()]
         while (entry := self._pick()) is not None:
             self._waiting.remove(entry)
             self._admit(entry[2])
@@ -299,6 +310,11 @@ class Pipeline:
                 await self.handle(delivery)
             finally:
                 queue.task_done()
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # A job that swallowed its cancellation (a bug turned it into another error) must not
+                # keep this worker taking deliveries: the shutdown waits for it.
+                raise asyncio.CancelledError
 
     # -- one job, top to bottom --------------------------------------------------------------
 

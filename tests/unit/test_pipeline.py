@@ -281,6 +281,24 @@ async def test_admission_hands_the_slot_on_when_a_waiter_is_cancelled() -> None:
     assert gate.waiting == 0
 
 
+async def test_admission_passes_over_a_waiter_cancelled_but_not_yet_resumed() -> None:
+    # A shutdown cancels many jobs at once: a slot freed before a cancelled waiter runs goes to the next.
+    from worker.pipeline import Admission
+
+    gate = Admission(batch=4, limit=4)
+    for _ in range(4):
+        await gate.acquire((1,), 0)
+    cancelled = asyncio.create_task(gate.acquire((1,), 0))
+    waiting = asyncio.create_task(gate.acquire((1,), 0))
+    await asyncio.sleep(0)
+    cancelled.cancel()
+    gate.release()  # before `cancelled` resumes
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    await asyncio.wait_for(waiting, 5)
+    assert gate.waiting == 0
+
+
 async def test_pixel_budget_holds_jobs_past_it_in_arrival_order() -> None:
     from worker.pipeline import PixelBudget
 
@@ -327,6 +345,55 @@ async def test_pixel_budget_lets_the_next_in_when_a_waiter_is_cancelled() -> Non
         await huge
     await small
     assert budget.used == 90
+
+
+async def test_pixel_budget_passes_over_a_waiter_cancelled_but_not_yet_resumed() -> None:
+    from worker.pipeline import PixelBudget
+
+    budget = PixelBudget(limit=100)
+    await budget.acquire(100)
+    cancelled = asyncio.create_task(budget.acquire(50))
+    waiting = asyncio.create_task(budget.acquire(50))
+    await asyncio.sleep(0)
+    cancelled.cancel()
+    budget.release(100)  # before `cancelled` resumes
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    await asyncio.wait_for(waiting, 5)
+    assert budget.used == 50
+
+
+async def test_a_worker_stops_when_a_job_swallows_its_cancellation() -> None:
+    class Swallowing(Pipeline):
+        swallowed = 0
+
+        async def handle(self, delivery: Delivery) -> str:
+            started.set()
+            try:
+                await asyncio.sleep(60)
+            except asyncio.CancelledError:
+                if self.swallowed:
+                    raise
+                self.swallowed += 1
+                return NACKED  # the bug this guards against: a cancellation turned into an outcome
+            return SUCCEEDED
+
+    started = asyncio.Event()
+    settings = Settings(input_bucket="inputs", output_bucket="outputs")
+    pipeline = Swallowing(settings, Stream(), Catalog(Control()), Storage(), ThreadPoolExecutor(1))  # type: ignore[arg-type]
+    queue: asyncio.Queue[Delivery] = asyncio.Queue()
+    for _ in range(2):
+        queue.put_nowait(delivery(job_bytes())[0])
+    workers = asyncio.create_task(pipeline.run_workers(queue, 1))
+    await started.wait()
+    workers.cancel()
+    try:
+        await asyncio.wait({workers}, timeout=5)  # unlike wait_for, does not cancel again on timeout
+        assert workers.cancelled()
+        assert queue.qsize() == 1  # the second delivery was not taken
+    finally:
+        workers.cancel()  # the second cancellation is not swallowed
+        await asyncio.wait({workers}, timeout=5)
 
 
 async def test_a_job_gives_its_pixels_back_whatever_the_outcome() -> None:
