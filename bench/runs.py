@@ -12,10 +12,10 @@ finish time less its stage timings, i.e. its pull) to the last record written
 (the ack follows at once); latency is the record's ``latency_ms`` (publish to
 record written); ``service_ms`` is the sum of a job's stage timings (pull to
 record written); ``waiting_ms`` is the first less the second, job by job
-(publish to pull: on a quiet system, Pub/Sub's delivery). CPU per job is the worker's CPU time when its last job is
-done, less its CPU time just before it took its first message (its start-up;
-``worker_proc.baseline_cpu_s``, or failing that an idle worker's,
-``Lab.measure_startup``), over the jobs; the slope of CPU time against jobs
+(publish to pull: on a quiet system, Pub/Sub's delivery). CPU per job is the
+worker's CPU time when its last job is done, less its CPU time just before it
+took its first message (its start-up; ``worker_proc.baseline_cpu_s``, or
+failing that an idle worker's, ``Lab.measure_startup``), over the jobs; the slope of CPU time against jobs
 done between 10 % and 90 % of the run is kept beside it as a cross-check. The
 CPU the stack's components (Pub/Sub emulator, GCS emulator, Triton and its
 stubs) spend during the run is divided by the jobs too: on a small machine

@@ -353,23 +353,22 @@ async def test_pixel_budget_lets_the_next_in_when_a_waiter_is_cancelled(freed_be
 
 
 async def test_a_worker_stops_when_a_job_swallows_its_cancellation() -> None:
-    class Swallowing(Pipeline):
-        swallowed = 0
-
-        async def handle(self, delivery: Delivery) -> str:
-            started.set()
-            try:
-                await asyncio.sleep(60)
-            except asyncio.CancelledError:
-                if self.swallowed:
-                    raise
-                self.swallowed += 1
-                return NACKED  # the bug this guards against: a cancellation turned into an outcome
-            return SUCCEEDED
-
     started = asyncio.Event()
-    settings = Settings(input_bucket="inputs", output_bucket="outputs")
-    pipeline = Swallowing(settings, Stream(), Catalog(Control()), Storage(), ThreadPoolExecutor(1))  # type: ignore[arg-type]
+    swallowed: list[bool] = []
+
+    async def handle(delivery: Delivery) -> str:
+        started.set()
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            if swallowed:
+                raise
+            swallowed.append(True)
+            return NACKED  # the bug this guards against: a cancellation turned into an outcome
+        return SUCCEEDED
+
+    pipeline = make(Stream(), Storage())
+    pipeline.handle = handle  # type: ignore[method-assign]
     queue: asyncio.Queue[Delivery] = asyncio.Queue()
     for _ in range(2):
         queue.put_nowait(delivery(job_bytes())[0])
@@ -401,7 +400,10 @@ async def test_a_job_gives_its_pixels_back_whatever_the_outcome() -> None:
 
 @dataclass
 class Watching(Stream):
-    """Keeps a weak reference to every input array; ``down`` fails each call with a new exception."""
+    """Keeps a weak reference to every input array; ``down`` fails each call with a new exception.
+
+    Not ``fail``: an exception raised again keeps its last traceback, and with it the arrays.
+    """
 
     down: bool = False
     seen: list[weakref.ref[Any]] = field(default_factory=list)
