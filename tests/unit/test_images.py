@@ -47,6 +47,27 @@ def test_other_modes_become_rgb(mode: str) -> None:
     assert images.decode(encoded(10, 7, fmt, mode), LIMITS).shape == (7, 10, 3)
 
 
+def pillow_rgb(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def test_jpegs_decode_to_the_pixels_pillow_gives() -> None:
+    # libjpeg-turbo decodes plain JPEGs directly into numpy; the pixels must not change with it.
+    data = sample_image(96, 64)
+    assert np.array_equal(images.decode(data, LIMITS), pillow_rgb(data))
+    grey = encoded(10, 7, "JPEG", "L")
+    assert np.array_equal(images.decode(grey, LIMITS), pillow_rgb(grey))
+
+
+def test_a_jpeg_with_stray_bytes_decodes_as_pillow_would() -> None:
+    # Strict libjpeg-turbo refuses the two bytes before a marker; libjpeg only warns, and so does Pillow.
+    data = sample_image(64, 48)
+    marker = data.index(b"\xff\xdb")
+    stray = data[:marker] + b"\x00\x00" + data[marker:]
+    assert np.array_equal(images.decode(stray, LIMITS), pillow_rgb(data))
+
+
 def test_exif_orientation_is_applied() -> None:
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise on display
@@ -108,6 +129,17 @@ def test_encode_round_trips(fmt: str) -> None:
     with Image.open(io.BytesIO(images.encode(array, fmt))) as image:
         assert image.size == (50, 30)
         assert image.format == images.ENCODERS[fmt][0]
+
+
+def test_jpeg_encoding_keeps_the_image() -> None:
+    array = images.decode(sample_image(96, 64), LIMITS)
+    decoded = pillow_rgb(images.encode(array, "jpeg")).astype(np.float64)
+    psnr = 10 * np.log10(255**2 / np.mean((decoded - array) ** 2))
+    assert psnr > 35
+    # A crop is a view with gaps between its rows: it encodes as its copy does.
+    crop = array[:40, :50]
+    assert not crop.flags.c_contiguous
+    assert images.encode(crop, "jpeg") == images.encode(np.ascontiguousarray(crop), "jpeg")
 
 
 def test_alpha_needs_a_format_that_carries_it() -> None:
