@@ -2,7 +2,7 @@
 
 ``py-spy record --gil`` samples only the thread holding the GIL, so the
 samples are where the worker's Python code spends CPU (native work that
-releases the GIL, such as Pillow's codecs, is the floor's and shows less).
+releases the GIL, such as the JPEG codecs, is the floor's and shows less).
 It writes collapsed stacks (``frame;frame;frame count`` per line)
 for a process it attaches to; ``hottest`` reduces them to the functions where
 samples land (self time) and the share of samples under each function
