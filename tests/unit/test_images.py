@@ -52,10 +52,36 @@ def pillow_rgb(data: bytes) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
 
 
-def test_jpegs_decode_to_the_pixels_pillow_gives() -> None:
+@pytest.mark.parametrize("progressive", [False, True])
+@pytest.mark.parametrize("subsampling", [0, 1, 2])  # 4:4:4, 4:2:2, 4:2:0
+def test_jpegs_decode_to_the_pixels_pillow_gives(subsampling: int, progressive: bool) -> None:
     # libjpeg-turbo decodes plain JPEGs directly into numpy; the pixels must not change with it.
-    data = sample_image(96, 64)
-    assert np.array_equal(images.decode(data, LIMITS), pillow_rgb(data))
+    out = io.BytesIO()
+    photo = pillow_rgb(sample_image(301, 199))  # odd sizes: partial blocks at the edges
+    Image.fromarray(photo).save(out, "JPEG", quality=85, subsampling=subsampling, progressive=progressive)
+    assert np.array_equal(images.decode(out.getvalue(), LIMITS), pillow_rgb(out.getvalue()))
+
+
+def test_only_upright_ycbcr_and_grey_jpegs_bypass_pillow(monkeypatch: pytest.MonkeyPatch) -> None:
+    # CMYK and YCCK need Adobe's inverted inks, and a turned image its EXIF turn: Pillow does both.
+    seen: list[bytes] = []
+    decode_jpeg = images.simplejpeg.decode_jpeg
+
+    def watched(data: bytes, **options: object) -> np.ndarray:
+        seen.append(data)
+        return decode_jpeg(data, **options)
+
+    monkeypatch.setattr(images.simplejpeg, "decode_jpeg", watched)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    turned = encoded(40, 20, "JPEG", exif=exif.tobytes())
+    plain, grey, cmyk = sample_image(64, 48), encoded(10, 7, "JPEG", "L"), encoded(10, 7, "JPEG", "CMYK")
+    for data in (plain, grey, cmyk, turned, encoded(8, 8, "PNG")):
+        images.decode(data, LIMITS)
+    assert seen == [plain, grey]
+
+
+def test_grey_jpegs_decode_to_rgb() -> None:
     grey = encoded(10, 7, "JPEG", "L")
     assert np.array_equal(images.decode(grey, LIMITS), pillow_rgb(grey))
 
