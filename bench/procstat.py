@@ -1,14 +1,17 @@
 """CPU time and peak resident memory of a process, read from ``/proc`` (Linux).
 
 ``cpu_seconds`` is user + system time of the process itself (``/proc/<pid>/stat``
-fields 14 and 15, in clock ticks); ``peak_rss_bytes`` is ``VmHWM``, the high-water
-mark of its resident set. The parsers are pure and take the files' text.
+fields 14 and 15, in clock ticks); ``thread_cpu_seconds`` splits it by thread
+(``/proc/<pid>/task``) into the worker's event loop, its other Python threads and
+native threads; ``peak_rss_bytes`` is ``VmHWM``, the high-water mark of its resident
+set. The parsers are pure and take the files' text.
 """
 
 from __future__ import annotations
 
 import os
 import resource
+from collections.abc import Mapping
 from pathlib import Path
 
 CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
@@ -20,6 +23,27 @@ def parse_cpu_seconds(stat: str, ticks_per_s: int = CLOCK_TICKS_PER_S) -> float:
     fields = stat[stat.rindex(")") + 2 :].split()
     utime, stime = int(fields[11]), int(fields[12])  # fields 14 and 15 of the whole line
     return (utime + stime) / ticks_per_s
+
+
+def parse_comm(stat: str) -> str:
+    """The command (thread) name, field 2, from the text of a ``stat`` file."""
+    return stat[stat.index("(") + 1 : stat.rindex(")")]
+
+
+#: The groups of ``thread_cpu_s``: the main thread runs the worker's event loop; threads that keep
+#: the process's own name are Python threads (the image pool); native libraries name theirs (grpc's
+#: ``event_engine``, ``grpc_global_tim``, libuv's ``libuv-worker``).
+THREAD_GROUPS = ("event_loop", "python_threads", "native_threads")
+
+
+def thread_cpu_s(stats: Mapping[int, str], pid: int) -> dict[str, float]:
+    """User + system seconds of a process's live threads (``stat`` texts by thread id), by ``THREAD_GROUPS``."""
+    name = parse_comm(stats[pid]) if pid in stats else None
+    groups = dict.fromkeys(THREAD_GROUPS, 0.0)
+    for tid, stat in stats.items():
+        group = "event_loop" if tid == pid else "python_threads" if parse_comm(stat) == name else "native_threads"
+        groups[group] += parse_cpu_seconds(stat)
+    return groups
 
 
 def parse_peak_rss_bytes(status: str) -> int:
@@ -53,6 +77,17 @@ def group_cpu_seconds(pgid: int) -> float:
 
 def cpu_seconds(pid: int) -> float:
     return parse_cpu_seconds(Path(f"/proc/{pid}/stat").read_text())
+
+
+def thread_cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds of ``pid``'s live threads by group (a thread that has exited is in no group)."""
+    stats: dict[int, str] = {}
+    for stat_path in Path(f"/proc/{pid}/task").glob("*/stat"):
+        try:
+            stats[int(stat_path.parent.name)] = stat_path.read_text()
+        except OSError:
+            continue  # exited while we looked
+    return thread_cpu_s(stats, pid)
 
 
 def peak_rss_bytes(pid: int) -> int:

@@ -13,6 +13,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from bench.procstat import THREAD_GROUPS
+
 #: The issue's targets: figure, comparison, bound (a number, or a figure's name).
 TARGETS: tuple[tuple[str, str, str], ...] = (
     ("speedup_vs_naive", ">=", "8"),
@@ -135,6 +137,14 @@ def _stack_text(stack: Mapping[str, float] | None) -> str:
     return ", ".join(f"{name} {fmt(value)}" for name, value in (stack or {}).items()) or "n/a"
 
 
+#: The thread groups' order in the table: the event loop, the image pool, grpc's threads.
+THREADS_TEXT = " / ".join(group.replace("_", " ") for group in THREAD_GROUPS)
+
+
+def _threads_text(groups: Mapping[str, float] | None) -> str:
+    return " / ".join(fmt((groups or {}).get(group)) for group in THREAD_GROUPS) if groups else "n/a"
+
+
 def _parts_text(parts: Mapping[str, float] | None) -> str:
     return " + ".join(f"{name.replace('_', ' ')} {value:,.1f}" for name, value in (parts or {}).items()) or "n/a"
 
@@ -194,6 +204,7 @@ def rows(doc: Mapping[str, Any]) -> list[tuple[str, str, str]]:
             "",
         ),
         ("ceiling_machine_cpu_jobs_per_s (CPUs / that)", fmt(doc.get("ceiling_machine_cpu_jobs_per_s")), ""),
+        (f"worker CPU ms/job by thread ({THREADS_TEXT})", _threads_text(doc.get("worker_thread_cpu_ms_per_job")), ""),
         ("peak_rss_mb", fmt(doc.get("peak_rss_mb"), 1), ""),
         ("redelivered copies in the main run (emulator churn)", fmt(doc.get("redelivered")), ""),
         (
@@ -206,6 +217,12 @@ def rows(doc: Mapping[str, Any]) -> list[tuple[str, str, str]]:
             f"{large.get('image_px', 1024)} px overhead_ratio: payload / shm "
             f"(floor {fmt(large.get('floor_cpu_ms_per_job'))})",
             f"{fmt(large.get('payload_overhead_ratio'))} / {fmt(large.get('shm_overhead_ratio'))}",
+            "",
+        ),
+        (
+            f"{large.get('image_px', 1024)} px CPU ms/job by thread, payload; shm",
+            f"{_threads_text(large.get('payload_thread_cpu_ms_per_job'))}; "
+            f"{_threads_text(large.get('shm_thread_cpu_ms_per_job'))}",
             "",
         ),
         ("shared-memory CPU cut", fmt(large.get("shm_cpu_cut"), 3), _target_text(doc, "large.shm_cpu_cut")),

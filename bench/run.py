@@ -211,6 +211,7 @@ class Bench:
             doc["worker_cpu_ms_per_job_steady"] = _round(figures.cpu_ms_per_job_steady)
             doc["stages_ms"] = figures.stages_ms
             doc["stack_cpu_ms_per_job"] = figures.stack_cpu_ms_per_job
+            doc["worker_thread_cpu_ms_per_job"] = figures.thread_cpu_ms_per_job
             if figures.cpu_ms_per_job is not None:
                 total = figures.cpu_ms_per_job + sum(figures.stack_cpu_ms_per_job.values())
                 doc["machine_cpu_ms_per_job"] = round(total, 3)
@@ -251,6 +252,7 @@ class Bench:
                 doc["large"][f"{variant}_cpu_ms_per_job"] = _round(figures.cpu_ms_per_job)
                 doc["large"][f"{variant}_jobs_per_s"] = round(figures.jobs_per_s, 2)
                 doc["large"][f"{variant}_peak_rss_mb"] = round(figures.peak_rss_mb, 1)
+                doc["large"][f"{variant}_thread_cpu_ms_per_job"] = figures.thread_cpu_ms_per_job
                 doc.setdefault("runs", {})[f"large_{variant}"] = figures.as_dict()
                 lab.progress.note(f"{variant}: {figures.cpu_ms_per_job or 0:.2f} CPU ms/job")
             doc["large"].setdefault("shm_cpu_ms_per_job", None)
@@ -300,7 +302,10 @@ NOTES = (
     "its CPU just before it took its first message (scraped every 0.05 s until then), over the jobs; "
     "worker_cpu_ms_per_job_steady is the slope of CPU against jobs done between 10% and 90% of the run, a "
     "cross-check that is biased low when the jobs are few against the in-flight limit. Both include the "
-    "benchmark's scrapes of the worker's /metrics (every 1 s).",
+    "benchmark's scrapes of the worker's /metrics (every 1 s). worker_thread_cpu_ms_per_job splits the first "
+    "by thread (/proc/PID/task): event_loop (the main thread: Pub/Sub, storage, gRPC calls, small images), "
+    "python_threads (the image pool) and native_threads (grpc's own); a thread that exits before the end of the "
+    "run drops out of the split, not of the total.",
     "floor_cpu_ms_per_job: ModelSpec.preprocess + postprocess of the same images in one thread, no I/O "
     "(thread CPU time); overhead_ratio = worker_cpu_ms_per_job / floor_cpu_ms_per_job.",
     "avg_batch_size: Triton's nv_inference_count / nv_inference_exec_count for sim_gpu over the main run; the batch "

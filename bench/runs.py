@@ -16,7 +16,8 @@ record written); ``waiting_ms`` is the first less the second, job by job
 worker's CPU time when its last job is done, less its CPU time just before it
 took its first message (its start-up; ``worker_proc.baseline_cpu_s``, or
 failing that an idle worker's, ``Lab.measure_startup``), over the jobs; the slope of CPU time against jobs
-done between 10 % and 90 % of the run is kept beside it as a cross-check. The
+done between 10 % and 90 % of the run is kept beside it as a cross-check, and the same difference per
+thread group (event loop, image pool, native threads) says where it went. The
 CPU the stack's components (Pub/Sub emulator, GCS emulator, Triton and its
 stubs) spend during the run is divided by the jobs too: on a small machine
 they share the worker's cores.
@@ -38,7 +39,7 @@ from typing import Any, Protocol
 from bench import procstat, stats, workload
 from bench.progress import Progress
 from bench.sim_model import MODEL_NAME
-from bench.worker_proc import Sample, WorkerFailed, WorkerProcess, baseline_cpu_s, watch
+from bench.worker_proc import Sample, WorkerFailed, WorkerProcess, baseline_sample, watch
 from worker.client import JobClient
 from worker.config import Settings
 from worker.stack import Stack, create_bucket, free_port
@@ -95,6 +96,7 @@ class RunFigures:
     stages_ms: dict[str, float]  # mean per stage
     stack_cpu_ms_per_job: dict[str, float]  # per stack component, during the run
     rate_per_s: float | None = None  # paced runs: the offered rate
+    thread_cpu_ms_per_job: dict[str, float] = field(default_factory=dict)  # by procstat.THREAD_GROUPS
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -117,6 +119,7 @@ class RunFigures:
             "stages_ms": self.stages_ms,
             "stack_cpu_ms_per_job": self.stack_cpu_ms_per_job,
             "rate_per_s": self.rate_per_s,
+            "thread_cpu_ms_per_job": self.thread_cpu_ms_per_job,
         }
 
 
@@ -297,12 +300,17 @@ def _figures(
         raise WorkerFailed(f"{spec.name}: no job succeeded")
     wall_s = max(t.finished_at for t in done) - min(t.started_at for t in done)
     steady = stats.steady_rate([(s.done, s.cpu_s) for s in samples], spec.jobs)
-    baseline = baseline_cpu_s(samples)
-    if baseline is None:
-        baseline = lab.startup_cpu_s
+    first = baseline_sample(samples)
+    baseline = lab.startup_cpu_s if first is None else first.cpu_s
     cpu_ms_per_job = None
     if baseline is not None and samples:
         cpu_ms_per_job = (samples[-1].cpu_s - baseline) * 1000 / spec.jobs
+    thread_cpu_ms_per_job = {}
+    if first is not None and samples:
+        thread_cpu_ms_per_job = {
+            group: round((cpu_s - first.threads_cpu_s.get(group, 0.0)) * 1000 / spec.jobs, 3)
+            for group, cpu_s in samples[-1].threads_cpu_s.items()
+        }
     stages = sorted({name for t in done for name in t.stages_ms})
     return RunFigures(
         name=spec.name,
@@ -326,4 +334,5 @@ def _figures(
             name: round((cpu_s - before.component_cpu_s.get(name, 0.0)) * 1000 / spec.jobs, 3)
             for name, cpu_s in after.component_cpu_s.items()
         },
+        thread_cpu_ms_per_job=thread_cpu_ms_per_job,
     )

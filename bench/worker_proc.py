@@ -19,7 +19,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
@@ -56,9 +56,10 @@ class Sample:
     nacked: float
     cpu_s: float
     redelivered: float = 0.0  # copies of jobs already finished, found done by their record and acked
+    threads_cpu_s: Mapping[str, float] = field(default_factory=dict)  # cpu_s by procstat.THREAD_GROUPS
 
     @classmethod
-    def of(cls, metrics: str, *, at: float, cpu_s: float) -> Sample:
+    def of(cls, metrics: str, *, at: float, cpu_s: float, threads_cpu_s: Mapping[str, float] | None = None) -> Sample:
         """A sample from the text of the worker's ``/metrics``."""
         finished = stats.jobs_finished(metrics)
         return cls(
@@ -69,17 +70,24 @@ class Sample:
             nacked=stats.metric_sum(metrics, "tritonq_jobs_total", {"outcome": "nacked"}),
             cpu_s=cpu_s,
             redelivered=finished["duplicate"],
+            threads_cpu_s=dict(threads_cpu_s or {}),
         )
 
 
-def baseline_cpu_s(samples: Sequence[Sample]) -> float | None:
-    """CPU seconds at the last sample before the worker held its first message (``None``: none was taken)."""
+def baseline_sample(samples: Sequence[Sample]) -> Sample | None:
+    """The last sample before the worker held its first message (``None``: none was taken)."""
     baseline = None
     for sample in samples:
         if sample.busy or sample.done:
             return baseline
-        baseline = sample.cpu_s
+        baseline = sample
     return baseline
+
+
+def baseline_cpu_s(samples: Sequence[Sample]) -> float | None:
+    """CPU seconds at ``baseline_sample``."""
+    baseline = baseline_sample(samples)
+    return None if baseline is None else baseline.cpu_s
 
 
 class WorkerProcess:
@@ -171,7 +179,9 @@ class WorkerProcess:
             text = self.metrics()
         except (OSError, urllib.error.URLError):
             return None
-        return Sample.of(text, at=time.monotonic(), cpu_s=self.cpu_seconds())
+        return Sample.of(
+            text, at=time.monotonic(), cpu_s=self.cpu_seconds(), threads_cpu_s=procstat.thread_cpu_seconds(self.pid)
+        )
 
 
 async def watch(worker: WorkerProcess, total: int, timeout_s: float, progress: Callable[[int], None]) -> list[Sample]:

@@ -271,6 +271,45 @@ def test_process_group_of_a_stat_line() -> None:
     assert procstat.parse_pgid(stat) == 4200
 
 
+def test_thread_cpu_splits_the_event_loop_the_python_threads_and_native_ones() -> None:
+    def stat(tid: int, name: str, utime: int, stime: int) -> str:
+        return f"{tid} ({name}) S 1 4200 4200 0 -1 4194560 100 0 0 0 {utime} {stime} 0 0 20 0 9 0 1000 0 0"
+
+    stats_by_tid = {
+        4242: stat(4242, "python", 300, 100),  # the main thread: its id is the process's
+        4250: stat(4250, "python", 150, 50),  # the image pool's threads keep the process's name
+        4251: stat(4251, "python", 100, 0),
+        4260: stat(4260, "event_engine", 20, 10),  # grpc names its own
+        4261: stat(4261, "a (b) c", 5, 5),  # a name with parentheses and spaces
+    }
+    split = procstat.thread_cpu_s(stats_by_tid, pid=4242)
+    assert split == {"event_loop": 4.0, "python_threads": 3.0, "native_threads": 0.4}
+
+
+def test_run_figures_split_cpu_by_thread_from_the_last_idle_sample() -> None:
+    def sample(busy: float, done: float, loop_s: float, pool_s: float) -> Sample:
+        threads = {"event_loop": loop_s, "python_threads": pool_s, "native_threads": 0.1}
+        return Sample(at=0.0, done=done, busy=busy, nacked=0.0, cpu_s=loop_s + pool_s + 0.1, threads_cpu_s=threads)
+
+    timings = [
+        JobTiming.of(JobResult(job_id=job_id, status=JobResult.SUCCEEDED, finished_at=at, latency_ms=1.0))
+        for job_id, at in (("a", "2026-01-01T00:00:10.000Z"), ("b", "2026-01-01T00:00:11.000Z"))
+    ]
+    snapshot = TritonSnapshot(stats.TritonCounts(0, 0), {}, {})
+    figures = runs._figures(
+        SimpleNamespace(startup_cpu_s=None),  # type: ignore[arg-type]
+        runs.RunSpec("large", 100, 1024),
+        timings=timings,
+        before=snapshot,
+        after=snapshot,
+        samples=[sample(0, 0, 1.0, 0.0), sample(0, 0, 1.2, 0.0), sample(64, 0, 1.3, 0.2), sample(0, 100, 1.7, 1.2)],
+        peak_rss_mb=100.0,
+    )
+    assert figures.thread_cpu_ms_per_job == {"event_loop": 5.0, "python_threads": 12.0, "native_threads": 0.0}
+    assert figures.cpu_ms_per_job == pytest.approx(17.0)
+    assert figures.as_dict()["thread_cpu_ms_per_job"] == figures.thread_cpu_ms_per_job
+
+
 def test_cpu_baseline_is_the_last_sample_before_the_first_message() -> None:
     def sample(busy: float, done: float, cpu_s: float) -> Sample:
         return Sample(at=0.0, done=done, busy=busy, nacked=0.0, cpu_s=cpu_s)
