@@ -70,7 +70,7 @@ def decode(data: bytes, limits: DecodeLimits, draft_size: tuple[int, int] | None
     """
     with _as_job_errors("could not be decoded"):
         opened = _open(data, limits)
-        if draft_size is None and _plain_jpeg(opened):
+        if draft_size is None and _plain_jpeg(opened, data):
             try:
                 array: NDArray[Any] = simplejpeg.decode_jpeg(data, colorspace="RGB")
                 return array
@@ -88,15 +88,22 @@ def probe(data: bytes, limits: DecodeLimits) -> tuple[int, int]:
         return width, height
 
 
-def _plain_jpeg(opened: Image.Image) -> bool:
+def _plain_jpeg(opened: Image.Image, data: bytes) -> bool:
     """A JPEG libjpeg-turbo turns into upright RGB as Pillow would: YCbCr or grey, no EXIF turn.
 
-    CMYK and YCCK (Adobe's inverted inks) and turned images go through Pillow.
+    CMYK and YCCK (Adobe's inverted inks) and turned images go through Pillow. So does a file whose
+    size libjpeg-turbo reads otherwise than Pillow did: the pixel limit was checked on Pillow's reading.
     """
     if opened.format != "JPEG" or opened.mode not in ("RGB", "L"):
         return False
     orientation: int = opened.getexif().get(ExifTags.Base.Orientation, 1)
-    return orientation == 1
+    if orientation != 1:
+        return False
+    try:
+        height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        return False
+    return (width, height) == opened.size
 
 
 def _load_rgb(opened: Image.Image, draft_size: tuple[int, int] | None) -> Image.Image:

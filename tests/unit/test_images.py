@@ -81,6 +81,18 @@ def test_only_upright_ycbcr_and_grey_jpegs_bypass_pillow(monkeypatch: pytest.Mon
     assert seen == [plain, grey]
 
 
+def test_a_jpeg_whose_size_libjpeg_turbo_reads_otherwise_goes_through_pillow(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The pixel limit is checked on Pillow's reading of the header; libjpeg-turbo decodes only what it also read.
+    data = sample_image(64, 48)
+
+    def refused(data: bytes, **options: object) -> np.ndarray:
+        raise AssertionError("libjpeg-turbo decoded a JPEG whose size it read differently")
+
+    monkeypatch.setattr(images.simplejpeg, "decode_jpeg_header", lambda data, **options: (4800, 6400, "YCbCr", "420"))
+    monkeypatch.setattr(images.simplejpeg, "decode_jpeg", refused)
+    assert images.decode(data, LIMITS).shape == (48, 64, 3)
+
+
 def test_grey_jpegs_decode_to_rgb() -> None:
     grey = encoded(10, 7, "JPEG", "L")
     assert np.array_equal(images.decode(grey, LIMITS), pillow_rgb(grey))
