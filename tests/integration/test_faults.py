@@ -68,9 +68,9 @@ def own_triton(tmp_path: Path) -> Iterator[Triton]:
 
 
 async def test_triton_killed_and_restarted_mid_run(stack: Stack, own_triton: Triton, tmp_path: Path) -> None:
-    report = await scenarios.triton_restarted(stack, tmp_path, own_triton, jobs=120)
+    report = await scenarios.triton_restarted(stack, tmp_path, own_triton, jobs=200)
     assert_clean(report)
-    assert report.succeeded == 120
+    assert report.succeeded == 200
     assert report.notes["worker_survived"]
     assert report.notes["infer_failures"] >= 1
     assert own_triton.running
