@@ -34,7 +34,7 @@ def _scenarios(stack: Stack, workdir: Path, small: bool) -> dict[str, Callable[[
     return {
         "worker_killed": lambda: scenarios.worker_killed(stack, workdir, jobs=n(1000, 150), kills=3),
         "triton_restarted": lambda: scenarios.triton_restarted(stack, workdir, stack.triton, jobs=n(500, 200)),
-        "storage_outage": lambda: scenarios.storage_outage(stack, workdir, jobs=n(500, 120)),
+        "storage_outage": lambda: scenarios.storage_outage(stack, workdir, jobs=n(500, 200)),
         "bad_messages": lambda: scenarios.bad_messages(stack, workdir, jobs=n(900, 108)),
         "sigterm": lambda: scenarios.sigterm(stack, workdir, jobs=n(500, 120)),
         "backlog_memory": lambda: scenarios.backlog_memory(stack, workdir, backlog=n(5000, 600)),

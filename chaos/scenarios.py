@@ -28,6 +28,13 @@ def settle_timeout_s(jobs: int) -> float:
     return 90.0 + jobs * 0.15
 
 
+def fault_point(jobs: int) -> int:
+    """Successes after which a mid-run fault strikes: early, since they are counted by listing the bucket
+    and the worker may finish dozens of jobs between two listings (30 to 60 here). Struck at a quarter,
+    a 120-job run was once inferred to its end before Triton was killed, and the outage went unfelt."""
+    return max(1, jobs // 10)
+
+
 async def worker_killed(stack: Stack, workdir: Path, *, jobs: int = 1000, kills: int = 3, seed: int = 1) -> Report:
     """Scenario 1: SIGKILL the worker ``kills`` times at random moments while ``jobs`` run; restart it each time."""
     rng = random.Random(seed)
@@ -69,10 +76,7 @@ async def triton_restarted(stack: Stack, workdir: Path, triton: Triton, *, jobs:
     try:
         worker.start()
         await worker.wait_ready()
-        # Early in the run: successes are counted by listing the bucket, and the worker may finish many
-        # jobs between two listings. Triggered at a quarter, a 120-job run was once inferred to its end
-        # before the kill, and the outage went unfelt.
-        await run.wait_progress(max(1, jobs // 10), settle_timeout_s(jobs), alive=worker)
+        await run.wait_progress(fault_point(jobs), settle_timeout_s(jobs), alive=worker)
         done_at_kill = await run.succeeded()
         triton.kill()
         restart_started = asyncio.get_running_loop().time()
@@ -115,7 +119,7 @@ async def storage_outage(
         try:
             worker.start()
             await worker.wait_ready()
-            await run.wait_progress(jobs // 4, settle_timeout_s(jobs), alive=worker)
+            await run.wait_progress(fault_point(jobs), settle_timeout_s(jobs), alive=worker)
             done_at_cut = await run.succeeded()
             proxy.cut()
             loop = asyncio.get_running_loop()

@@ -77,9 +77,9 @@ async def test_triton_killed_and_restarted_mid_run(stack: Stack, own_triton: Tri
 
 
 async def test_storage_down_for_ten_seconds_mid_run(stack: Stack, tmp_path: Path) -> None:
-    report = await scenarios.storage_outage(stack, tmp_path, jobs=120, outage_s=10.0)
+    report = await scenarios.storage_outage(stack, tmp_path, jobs=200, outage_s=10.0)
     assert_clean(report)
-    assert report.succeeded == 120
+    assert report.succeeded == 200
     assert report.notes["worker_survived"]
     # The outage was real: jobs failed against it and were nacked (held, then handed back).
     assert report.notes["nacks"] > 0
