@@ -14,7 +14,7 @@ record written); ``service_ms`` is the sum of a job's stage timings (pull to
 record written); ``waiting_ms`` is the first less the second, job by job
 (publish to pull: on a quiet system, Pub/Sub's delivery). CPU per job is the
 worker's CPU time when its last job is done, less its CPU time just before it
-took its first message (its start-up; ``worker_proc.baseline_cpu_s``, or
+took its first message (its start-up; ``worker_proc.baseline_sample``, or
 failing that an idle worker's, ``Lab.measure_startup``), over the jobs; the slope of CPU time against jobs
 done between 10 % and 90 % of the run is kept beside it as a cross-check, and the same difference per
 thread group (event loop, image pool, native threads) says where it went. The
@@ -307,10 +307,7 @@ def _figures(
         cpu_ms_per_job = (samples[-1].cpu_s - baseline) * 1000 / spec.jobs
     thread_cpu_ms_per_job = {}
     if first is not None and samples:
-        thread_cpu_ms_per_job = {
-            group: round((cpu_s - first.threads_cpu_s.get(group, 0.0)) * 1000 / spec.jobs, 3)
-            for group, cpu_s in samples[-1].threads_cpu_s.items()
-        }
+        thread_cpu_ms_per_job = _ms_per_job(samples[-1].threads_cpu_s, first.threads_cpu_s, spec.jobs)
     stages = sorted({name for t in done for name in t.stages_ms})
     return RunFigures(
         name=spec.name,
@@ -330,9 +327,11 @@ def _figures(
         avg_batch=(after.counts - before.counts).avg_batch,
         batch_histogram=stats.histogram_delta(after.histogram, before.histogram),
         stages_ms={name: round(sum(t.stages_ms.get(name, 0.0) for t in done) / len(done), 3) for name in stages},
-        stack_cpu_ms_per_job={
-            name: round((cpu_s - before.component_cpu_s.get(name, 0.0)) * 1000 / spec.jobs, 3)
-            for name, cpu_s in after.component_cpu_s.items()
-        },
+        stack_cpu_ms_per_job=_ms_per_job(after.component_cpu_s, before.component_cpu_s, spec.jobs),
         thread_cpu_ms_per_job=thread_cpu_ms_per_job,
     )
+
+
+def _ms_per_job(after: Mapping[str, float], before: Mapping[str, float], jobs: int) -> dict[str, float]:
+    """CPU milliseconds per job of each named counter between two readings (seconds)."""
+    return {name: round((cpu_s - before.get(name, 0.0)) * 1000 / jobs, 3) for name, cpu_s in after.items()}

@@ -84,12 +84,6 @@ def baseline_sample(samples: Sequence[Sample]) -> Sample | None:
     return baseline
 
 
-def baseline_cpu_s(samples: Sequence[Sample]) -> float | None:
-    """CPU seconds at ``baseline_sample``."""
-    baseline = baseline_sample(samples)
-    return None if baseline is None else baseline.cpu_s
-
-
 class WorkerProcess:
     """``tritonq run`` with ``env``; a context manager that always stops it."""
 
@@ -187,7 +181,7 @@ class WorkerProcess:
 async def watch(worker: WorkerProcess, total: int, timeout_s: float, progress: Callable[[int], None]) -> list[Sample]:
     """Sample the worker until it has finished ``total`` jobs.
 
-    Scrapes quickly until the worker takes its first message (see ``baseline_cpu_s``),
+    Scrapes quickly until the worker takes its first message (see ``baseline_sample``),
     then every ``SAMPLE_INTERVAL_S``. ``WorkerFailed`` if the worker dies, nacks
     as many jobs as there are, finishes none for ``STALL_S``, or runs out of time.
     """

@@ -12,7 +12,7 @@ from PIL import Image
 from bench import plot, procstat, profiler, report, runs, stats
 from bench.runs import TritonSnapshot
 from bench.sim_model import MODEL_NAME, REPOSITORY, SimProfile, read_config, with_profile
-from bench.worker_proc import Sample, baseline_cpu_s
+from bench.worker_proc import Sample, baseline_sample
 from bench.workload import JobTiming
 from worker.jobs import JobResult
 
@@ -315,5 +315,5 @@ def test_cpu_baseline_is_the_last_sample_before_the_first_message() -> None:
         return Sample(at=0.0, done=done, busy=busy, nacked=0.0, cpu_s=cpu_s)
 
     samples = [sample(0, 0, 1.2), sample(0, 0, 1.5), sample(64, 0, 1.6), sample(64, 10, 1.9)]
-    assert baseline_cpu_s(samples) == 1.5
-    assert baseline_cpu_s([sample(64, 0, 1.6)]) is None
+    assert baseline_sample(samples) is samples[1]
+    assert baseline_sample([sample(64, 0, 1.6)]) is None
