@@ -5,8 +5,8 @@ Two modes, one interface. ``stream`` (the default) keeps long-lived
 call per request; both multiplex everything on the channel's one HTTP/2
 connection. Either way Triton's dynamic batcher sees a steady flow of single
 requests and forms the batches, and every request has a deadline. Measured on
-the benchmark's stack (256 px jobs, sim_gpu, 21 paired runs of 1,500 jobs):
-streams at least as fast (ahead in 12, by 2% on average in six interleaved
+the benchmark's stack (256 px jobs, sim_gpu, 24 paired runs of 1,500 jobs):
+streams at least as fast (ahead in 15, by 2% on average in six interleaved
 pairs), unary cheaper in worker CPU in every pair (4.39 against 5.04 ms per job
 on average in those six). A unary call hands grpc's core its sends and receives
 as one batch of operations; a stream crosses into the core and back for every
