@@ -18,7 +18,7 @@ import pytest
 
 from chaos import scenarios
 from chaos.harness import BAD_KINDS, MODEL, Report, verify_duplicate_detection
-from worker.consumer import NACK_HOLD_BASE_S, NACK_HOLD_MAX_S, nack_hold_s
+from worker.consumer import LEASE_EXTENSION_S, NACK_HOLD_BASE_S, NACK_HOLD_MAX_S, nack_hold_s
 from worker.stack import DEFAULT_MODEL_REPOSITORY, Stack, Triton
 
 pytestmark = pytest.mark.timeout(240)
@@ -47,6 +47,19 @@ def test_nacks_are_held_longer_on_each_delivery() -> None:
     assert holds[-1] == NACK_HOLD_MAX_S
 
 
+@pytest.mark.parametrize("dead_streams", [1, 2, 3, 5])
+def test_orphan_allowance_outlasts_the_emulators_unlucky_rounds(dead_streams: int) -> None:
+    allowance = scenarios.orphan_allowance_s(dead_streams)
+    rounds = allowance / LEASE_EXTENSION_S
+    share_to_the_dead = dead_streams / (dead_streams + 1)
+    assert share_to_the_dead**rounds <= scenarios.ORPHAN_MISS_ODDS
+    # Not more than it needs: one round fewer would not do.
+    assert share_to_the_dead ** (rounds - 1) > scenarios.ORPHAN_MISS_ODDS
+    assert scenarios.orphan_allowance_s(0) == 0.0
+
+
+# Its deadlines include the emulator's slow redelivery after kills (scenarios.orphan_allowance_s).
+@pytest.mark.timeout(900)
 async def test_worker_sigkilled_three_times_loses_and_duplicates_nothing(stack: Stack, tmp_path: Path) -> None:
     report = await scenarios.worker_killed(stack, tmp_path, jobs=120, kills=3)
     assert_clean(report)
@@ -95,6 +108,7 @@ async def test_ten_percent_bad_messages_of_every_kind(stack: Stack, tmp_path: Pa
     assert report.notes["last_exit_code"] == 0
 
 
+@pytest.mark.timeout(600)  # the first worker's stream lingers in the emulator (scenarios.orphan_allowance_s)
 async def test_sigterm_mid_run_exits_zero_within_the_grace_period(stack: Stack, tmp_path: Path) -> None:
     grace_s = 2.0
     report = await scenarios.sigterm(stack, tmp_path, jobs=80, grace_s=grace_s, image_size=(512, 512))
