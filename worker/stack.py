@@ -346,6 +346,9 @@ def provision_pubsub(settings: Settings, emulator_host: str | None = None, *, de
     scenarios that stop workers: with one, the emulator also never redelivers a
     message orphaned twice (redelivered, then its second holder killed), nor
     one nacked after its stream closed (a SIGTERM), as real Pub/Sub does.
+    These were seen with deadlines of 90 s or so, before it was found that the
+    emulator keeps sending expired messages on dead streams, 10 s a round
+    (``chaos/scenarios.py: orphan_allowance_s``); some may be that, only slower.
     """
     from google.api_core import exceptions
     from google.cloud import pubsub_v1
