@@ -235,8 +235,8 @@ async def sigterm(
         done_by_first = await run.succeeded()
         second.start()
         await second.wait_ready()
-        # The first worker's stream stays on the emulator's books, and takes a share of the nacks' redelivery.
-        await run.settle(settle_timeout_s(jobs) + orphan_allowance_s(1), alive=second)
+        # No orphan allowance: a stopping worker ends its stream cleanly, and the emulator drops it.
+        await run.settle(settle_timeout_s(jobs), alive=second)
         second_code, _ = await second.terminate(60)
     finally:
         run.stop_workers()

@@ -32,7 +32,8 @@ threads also contended with the event loop for the GIL.
   stopping, nacks go out at once: shutdown must not wait on a backoff.
 - **The stream** is reopened with backoff when it breaks for a retryable reason
   (Pub/Sub closes streams from time to time); any other error stops the
-  consumer, and readiness reports it.
+  consumer, and readiness reports it. Stopping half-closes it and lets the
+  server end it (``_end_stream``), rather than cancelling it.
 
 The consumer never decides a message's fate; ``pipeline.py`` does, through
 ``Delivery.ack`` / ``Delivery.nack``.
@@ -73,6 +74,8 @@ LEASE_EXTENSION_S = 10
 LEASE_RENEW_S = 3.0
 #: Seconds between heartbeats on an idle stream (Pub/Sub closes streams that stay silent).
 HEARTBEAT_S = 30.0
+#: Seconds the server gets to end the stream after the consumer stops writing, before it is cancelled.
+STREAM_END_S = 2.0
 #: Seconds acks and nacks are gathered before one request carries them all.
 SETTLE_BATCH_S = 0.01
 #: Ack ids per request: Pub/Sub's request size limit (512 KiB) holds about 2,500.
@@ -204,6 +207,10 @@ class Consumer:
         self._channel: grpc.aio.Channel | None = None
         self._leaser: asyncio.Task[None] | None = None
         self._puller: asyncio.Task[None] | None = None
+        #: The stream now open and its heartbeat, for ``_end_stream``.
+        self._call: Any = None
+        self._heartbeat_task: asyncio.Task[None] | None = None
+        self._ender: asyncio.Task[None] | None = None
         #: Handed to the pipeline and not yet settled (or nacked and held for its backoff).
         self._out: set[Delivery] = set()
         self._out_bytes = 0
@@ -253,8 +260,8 @@ class Consumer:
         """Stop receiving; what was handed out stays held until the pipeline settles it."""
         self._stopping = True
         self.running = False
-        if self._puller is not None:
-            self._puller.cancel()
+        if self._ender is None and self._puller is not None and not self._puller.done():
+            self._ender = asyncio.create_task(self._end_stream(self._puller), name="pubsub-end-stream")
         # Never handed out: straight back to Pub/Sub.
         while self._waiting:
             self._give_back(self._waiting.popleft())
@@ -276,6 +283,8 @@ class Consumer:
         if self._channel is None:
             return
         self.stop_pulling()
+        if self._ender is not None:
+            await self._ender
         for task in (self._puller, self._leaser):
             if task is not None:
                 task.cancel()
@@ -308,12 +317,16 @@ class Consumer:
             try:
                 received = await self._pull_once()
             except grpc.aio.AioRpcError as exc:
+                if self._stopping:
+                    return
                 if exc.code() not in RETRYABLE:
                     self.running = False
                     log.error("consumer_stopped", code=exc.code().name, error=exc.details())
                     return
                 log.warning("pubsub_stream_reopened", code=exc.code().name, error=exc.details(), delay_s=delay)
                 received = 0
+            if self._stopping:
+                return
             if received:
                 delay = RECONNECT_BASE_S
             await asyncio.sleep(delay)
@@ -328,7 +341,7 @@ class Consumer:
             response_deserializer=_PULL_RESPONSE.FromString,
         )()
         received = 0
-        heartbeat = asyncio.create_task(self._heartbeat(call), name="pubsub-heartbeat")
+        heartbeat = None
         try:
             await call.write(
                 _PULL_REQUEST(
@@ -338,6 +351,8 @@ class Consumer:
                     max_outstanding_bytes=self._max_bytes,
                 )
             )
+            heartbeat = asyncio.create_task(self._heartbeat(call), name="pubsub-heartbeat")
+            self._call, self._heartbeat_task = call, heartbeat
             while True:
                 await self._room.wait()
                 response: Any = await call.read()
@@ -345,8 +360,33 @@ class Consumer:
                     return received
                 received += self._receive(response.received_messages)
         finally:
-            heartbeat.cancel()
+            self._call = self._heartbeat_task = None
+            if heartbeat is not None:
+                heartbeat.cancel()
             call.cancel()
+
+    async def _end_stream(self, puller: asyncio.Task[None]) -> None:
+        """Stop writing and let the server end the stream; cancel it if the server does not within ``STREAM_END_S``.
+
+        Half-closing is the orderly end of a streaming call. It matters on the
+        emulator: a stream the client cancels stays on its books (its gRPC layer
+        throws in ``onRstStreamRead``) and takes the nacks a stopping worker
+        sends, each then waiting out a 10 s deadline there before another
+        worker sees it. Measured: a nack sent after a cancel was gone from a
+        plain pull 50 ms later in 12 of 12 tries; after a half-close it was
+        still there 0.5 s later in 5 of 5. Messages the server sends before it
+        ends the stream go straight back (``_receive`` while stopping).
+        """
+        call = self._call
+        if call is not None:
+            if self._heartbeat_task is not None:
+                self._heartbeat_task.cancel()  # no write may follow the half-close
+            with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError):
+                await call.done_writing()
+        try:
+            await asyncio.wait_for(asyncio.shield(puller), STREAM_END_S)
+        except TimeoutError:
+            puller.cancel()
 
     async def _heartbeat(self, call: Any) -> None:
         while True:

@@ -138,9 +138,13 @@ async def test_a_nack_after_stop_goes_back_at_once(make_settings: Callable[..., 
     assert consumer.nack_held() == 1
     await consumer.wait_closed()
     assert consumer.held == 0
-    # Nacked with a zero deadline: a plain pull gets it straight away.
-    redelivered = await asyncio.to_thread(pull_now, settings)
-    assert [m.message.message_id for m in redelivered] == [delivery.message_id]
+    # Nacked with a zero deadline, and the stream ended cleanly (half-closed): the next consumer gets
+    # it on its second delivery. Had the stream been cancelled, the emulator would have kept it and
+    # sent the message there first, to wait out a deadline (consumer._end_stream).
+    async with consuming(settings) as (_, queue):
+        again = await asyncio.wait_for(queue.get(), WAIT_S)
+        again.ack()
+    assert (again.message_id, again.delivery_attempt) == (delivery.message_id, 2)
 
 
 async def test_a_missing_subscription_stops_the_consumer(make_settings: Callable[..., Settings]) -> None:

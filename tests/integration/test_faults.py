@@ -108,7 +108,6 @@ async def test_ten_percent_bad_messages_of_every_kind(stack: Stack, tmp_path: Pa
     assert report.notes["last_exit_code"] == 0
 
 
-@pytest.mark.timeout(600)  # the first worker's stream lingers in the emulator (scenarios.orphan_allowance_s)
 async def test_sigterm_mid_run_exits_zero_within_the_grace_period(stack: Stack, tmp_path: Path) -> None:
     grace_s = 2.0
     report = await scenarios.sigterm(stack, tmp_path, jobs=80, grace_s=grace_s, image_size=(512, 512))
