@@ -23,6 +23,8 @@ TARGETS: tuple[tuple[str, str, str], ...] = (
     ("overhead_ratio", "<=", "1.5"),
     ("low_rate_latency_ms.p50", "<=", "low_rate_target_ms"),
     ("large.shm_cpu_cut", ">=", "0.3"),
+    ("emulators.gcs_steady", ">=", "0.8"),
+    ("emulators.pubsub_steady", ">=", "0.8"),
 )
 #: Headroom of the low-rate latency target over the latency floor (``low_rate_floor_parts``), in ms.
 LOW_RATE_SLACK_MS = 25.0
@@ -76,6 +78,11 @@ def derive(doc: dict[str, Any]) -> dict[str, Any]:
             large[f"{variant}_overhead_ratio"] = ratio(
                 large.get(f"{variant}_cpu_ms_per_job"), large.get("floor_cpu_ms_per_job")
             )
+    probes = doc.get("emulators")
+    if isinstance(probes, dict) and "start" in probes and "end" in probes:
+        for name, key in (("gcs", "gcs_uploads_per_s"), ("pubsub", "pubsub_round_trip_msgs_per_s")):
+            rates = (probes["start"].get(key), probes["end"].get(key))
+            probes[f"{name}_steady"] = ratio(min(rates), max(rates), 3) if None not in rates else None
     doc["targets"] = [check(doc, *target) for target in TARGETS]
     return doc
 
@@ -149,6 +156,23 @@ def _parts_text(parts: Mapping[str, float] | None) -> str:
     return " + ".join(f"{name.replace('_', ' ')} {value:,.1f}" for name, value in (parts or {}).items()) or "n/a"
 
 
+def _emulator_rows(doc: Mapping[str, Any]) -> list[tuple[str, str, str]]:
+    """The emulators' rates at the start and end of the run, and the slower over the faster."""
+    probes = doc.get("emulators") or {}
+    start, end = probes.get("start") or {}, probes.get("end") or {}
+    return [
+        (
+            f"emulator {label} at start / end (slower / faster)",
+            f"{fmt(start.get(key), 0)} / {fmt(end.get(key), 0)} ({fmt(probes.get(f'{name}_steady'))})",
+            _target_text(doc, f"emulators.{name}_steady"),
+        )
+        for name, key, label in (
+            ("gcs", "gcs_uploads_per_s", "GCS uploads/s"),
+            ("pubsub", "pubsub_round_trip_msgs_per_s", "Pub/Sub round trips/s"),
+        )
+    ]
+
+
 def rows(doc: Mapping[str, Any]) -> list[tuple[str, str, str]]:
     """The summary table: figure, value, target."""
     size = doc.get("image_px")
@@ -190,6 +214,7 @@ def rows(doc: Mapping[str, Any]) -> list[tuple[str, str, str]]:
             fmt(doc.get("low_rate_floor_ms")),
             "",
         ),
+        *_emulator_rows(doc),
         ("ceiling_infer_per_s", fmt(doc.get("ceiling_infer_per_s")), ""),
         ("ceiling_storage_jobs_per_s", fmt(doc.get("ceiling_storage_jobs_per_s")), ""),
         ("ceiling_pubsub_msgs_per_s", fmt(doc.get("ceiling_pubsub_msgs_per_s")), ""),

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from bench import ceilings, options, plot, profiler, report, sim_model, stats, workload
+from bench import ceilings, emulators, options, plot, profiler, report, sim_model, stats, workload
 from bench.floor import measure_floor
 from bench.naive import NaiveWorker
 from bench.progress import Progress
@@ -74,6 +74,7 @@ class Bench:
 
     async def run(self) -> None:
         sizes, doc = self.sizes, self.doc
+        await self._probe_emulators("start")
         async with JobClient(self.effective) as client:
             small = await self.lab.inputs(client, sizes.image_px)
             large = await self.lab.inputs(client, sizes.large_px)
@@ -138,6 +139,13 @@ class Bench:
 
         await self._large(large)
         await self._modes()
+        await self._probe_emulators("end")
+
+    async def _probe_emulators(self, when: str) -> None:
+        """The emulators' own rates, so the report shows whether the stack slowed as the runs filled it."""
+        rates = await asyncio.to_thread(emulators.probe, self.lab.stack, self.effective.project)
+        self.doc.setdefault("emulators", {})[when] = rates
+        self.lab.progress.note(f"emulators at the {when}: {rates}")
 
     async def _ceilings(self, small: workload.Inputs, decoded: Sequence[np.ndarray[Any, Any]]) -> None:
         sizes, doc, lab = self.sizes, self.doc, self.lab

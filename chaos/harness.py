@@ -52,6 +52,9 @@ MODEL = "enhance"
 IMAGE_SIZE = (64, 64)
 #: Distinct input images the good jobs share (different seeds, so outputs differ).
 DISTINCT_INPUTS = 4
+#: Output buckets per scenario, taken in turn: the largest backlog then leaves about 1,000
+#: objects in each, where the versioning emulator still uploads at its fresh-bucket speed.
+OUTPUT_BUCKETS = 10
 #: Seconds a worker process gets to answer ``/readyz`` after it is spawned.
 WORKER_READY_TIMEOUT_S = 120.0
 #: Seconds between looks at the output bucket while waiting for progress.
@@ -229,7 +232,12 @@ def _http_ok(url: str) -> bool:
 
 
 class Run:
-    """One scenario's world: its own topic, subscription, dead-letter topic and versioned output bucket."""
+    """One scenario's world: its own topic, subscription, dead-letter topic and versioned output buckets.
+
+    Good jobs take the output buckets in turn: the emulator's versioning
+    (memory) backend slows with every object a bucket holds, so no bucket is
+    let to hold more than a few thousand.
+    """
 
     def __init__(
         self,
@@ -244,6 +252,7 @@ class Run:
         **overrides: Any,
     ) -> None:
         suffix = uuid.uuid4().hex[:8]
+        self.output_buckets = tuple(f"chaos-{suffix}-{k}" for k in range(OUTPUT_BUCKETS))
         self.stack = stack
         self.name = name
         self.image_size = image_size
@@ -253,7 +262,8 @@ class Run:
             "topic": f"chaos-{name}-{suffix}",
             "subscription": f"chaos-{name}-{suffix}-worker",
             "dead_letter_topic": f"chaos-{name}-{suffix}-dead",
-            "output_bucket": f"chaos-{suffix}",
+            "output_bucket": self.output_buckets[0],
+            "allowed_output_buckets": ",".join(self.output_buckets),
             "triton_url": triton_url or stack.triton.grpc_url,
             "retry_base_s": 0.05,
             "max_inline_bytes": MAX_INLINE_BYTES,
@@ -283,7 +293,8 @@ class Run:
     async def setup(self) -> None:
         await asyncio.to_thread(provision_pubsub, self.settings, self.stack.pubsub.host, dead_letter=self.dead_letter)
         async with aiohttp.ClientSession() as session:
-            for bucket, versioned in ((self.settings.input_bucket, False), (self.settings.output_bucket, True)):
+            buckets = [(self.settings.input_bucket, False), *((b, True) for b in self.output_buckets)]
+            for bucket, versioned in buckets:
                 body = {"name": bucket, "versioning": {"enabled": versioned}}
                 url = f"{self.gcs_url}/storage/v1/b?project={self.settings.project}"
                 async with session.post(url, json=body) as response:
@@ -321,7 +332,11 @@ class Run:
         """``count`` good jobs: versions 1, 2 and routed in turn; inline payloads or shared inputs."""
         jobs = []
         for i in range(count):
-            options: dict[str, Any] = {"job_id": f"{self.name}-{i:05d}", "version": ("1", "2", "")[i % 3]}
+            options: dict[str, Any] = {
+                "job_id": f"{self.name}-{i:05d}",
+                "version": ("1", "2", "")[i % 3],
+                "output_prefix": f"gs://{self.output_buckets[i % OUTPUT_BUCKETS]}/{self.settings.output_prefix}",
+            }
             if inline:
                 options["input_bytes"] = sample_image(*self.image_size, seed=i % DISTINCT_INPUTS)
             else:
@@ -398,21 +413,22 @@ class Run:
     # -- observing --------------------------------------------------------------------------------
 
     async def snapshot(self) -> Snapshot:
-        """Every generation of every object in the output bucket (``versions=true``)."""
+        """Every generation of every object in the output buckets (``versions=true``), by object name."""
         generations: dict[str, list[dict[str, Any]]] = {}
-        url = f"{self.gcs_url}/storage/v1/b/{self.settings.output_bucket}/o"
-        params = {"versions": "true", "maxResults": "5000"}
         async with aiohttp.ClientSession() as session:
-            while True:
-                async with session.get(url, params=params) as response:
-                    response.raise_for_status()
-                    page = await response.json()
-                for item in page.get("items", []):
-                    generations.setdefault(item["name"], []).append(item)
-                token = page.get("nextPageToken")
-                if not token:
-                    break
-                params["pageToken"] = token
+            for bucket in self.output_buckets:
+                url = f"{self.gcs_url}/storage/v1/b/{bucket}/o"
+                params = {"versions": "true", "maxResults": "5000"}
+                while True:
+                    async with session.get(url, params=params) as response:
+                        response.raise_for_status()
+                        page = await response.json()
+                    for item in page.get("items", []):
+                        generations.setdefault(item["name"], []).append(item)
+                    token = page.get("nextPageToken")
+                    if not token:
+                        break
+                    params["pageToken"] = token
         for versions in generations.values():
             versions.sort(key=lambda item: int(item.get("generation", 0)))
         return Snapshot(generations, self.settings.output_prefix.strip("/"))

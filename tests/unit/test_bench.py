@@ -196,7 +196,23 @@ def test_derive_ratios_and_targets() -> None:
         "overhead_ratio": False,
         "low_rate_latency_ms.p50": True,
         "large.shm_cpu_cut": None,
+        "emulators.gcs_steady": None,
+        "emulators.pubsub_steady": None,
     }
+
+
+def test_emulator_rates_steady_is_the_slower_over_the_faster_in_either_order() -> None:
+    doc = measured_doc()
+    doc["emulators"] = {
+        "start": {"gcs_uploads_per_s": 1000.0, "pubsub_round_trip_msgs_per_s": 3000.0},
+        "end": {"gcs_uploads_per_s": 790.0, "pubsub_round_trip_msgs_per_s": 3500.0},
+    }
+    doc = report.derive(doc)
+    assert doc["emulators"]["gcs_steady"] == 0.79
+    assert doc["emulators"]["pubsub_steady"] == 0.857
+    met = {t["figure"]: t["met"] for t in doc["targets"]}
+    assert (met["emulators.gcs_steady"], met["emulators.pubsub_steady"]) == (False, True)
+    assert "1,000 / 790 (0.79)" in report.table(doc)
 
 
 def test_low_rate_target_counts_pubsub_delivery_in_the_floor() -> None:
