@@ -194,12 +194,16 @@ class GcsEmulator(Component):
     file per object costs the same at any fill. The memory backend stays for
     callers that need object versioning (the fault scenarios count generations
     to prove a result was written once), which the filesystem backend refuses.
-    The filesystem root is emptied at start: a stack starts empty, as before.
+    Its folder is emptied at start (a stack starts empty), and removed at stop
+    when it was made on tmpfs (memory that nothing else would free).
     """
 
     port: int = field(default_factory=free_port)
     backend: str = "filesystem"
+    #: The filesystem backend's folder; ``None``: a new one on tmpfs when it has room, else the state folder.
     root: Path | None = None
+    data_dir: Path | None = field(default=None, init=False)
+    _own_root: bool = field(default=False, init=False)
 
     @staticmethod
     def binary() -> Path:
@@ -210,26 +214,26 @@ class GcsEmulator(Component):
 
     def command(self) -> list[str]:
         storage = ["-backend", self.backend]
-        if self.backend == "filesystem":
+        if self.data_dir is not None:
             storage += ["-filesystem-root", str(self.data_dir)]
         return [
             str(self.binary()), "-scheme", "http", *storage, "-host", "127.0.0.1",
             "-port", str(self.port), "-external-url", self.url, "-log-level", "warn",
         ]  # fmt: skip
 
-    @property
-    def data_dir(self) -> Path:
-        return self.root if self.root is not None else self.log_dir.parent / "gcs"
-
     def start(self, timeout_s: float = READY_TIMEOUT_S) -> None:
         if self.backend == "filesystem" and not self.running:
+            tmpfs = None if self.root is not None else tmpfs_folder()
+            self._own_root = tmpfs is not None
+            self.data_dir = self.root or tmpfs or self.log_dir.parent / "gcs"
             shutil.rmtree(self.data_dir, ignore_errors=True)
         super().start(timeout_s)
 
     def stop(self) -> None:
         super().stop()
-        if self.backend == "filesystem" and self.root is not None:
-            shutil.rmtree(self.root, ignore_errors=True)
+        if self._own_root and self.data_dir is not None:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+            self._own_root = False
 
     def ready(self) -> bool:
         return _http_ok(f"{self.url}/storage/v1/b")
@@ -239,8 +243,8 @@ class GcsEmulator(Component):
         return f"http://127.0.0.1:{self.port}"
 
 
-def gcs_root() -> Path | None:
-    """A new folder on tmpfs for the emulator's objects when it has room, else ``None`` (the state folder)."""
+def tmpfs_folder() -> Path | None:
+    """A new folder on tmpfs for the emulator's objects when it has room, else ``None``."""
     try:
         free = shutil.disk_usage(TMPFS_ROOT).free
     except OSError:
@@ -332,8 +336,7 @@ class Stack:
     def __post_init__(self) -> None:
         logs = self.state_dir / "logs"
         self.pubsub = PubSubEmulator("pubsub", logs)
-        root = gcs_root() if self.gcs_backend == "filesystem" else None
-        self.gcs = GcsEmulator("gcs", logs, backend=self.gcs_backend, root=root)
+        self.gcs = GcsEmulator("gcs", logs, backend=self.gcs_backend)
         self.triton = Triton("triton", logs, model_repository=self.model_repository)
 
     def start(self, progress: Callable[[str], None] = lambda _: None) -> None:
