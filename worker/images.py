@@ -61,11 +61,13 @@ MAX_JPEG_SCANS = 100
 TIFF_TILE_ALIGN = 16
 #: Worker memory per decoded pixel the pixel budget is calibrated on (a plain JPEG into RGB).
 BASE_BYTES_PER_PIXEL = 4.5
-#: Worst-case bytes per pixel at the peak of a decode, by format: Pillow's 4-byte pixels, its RGB
-#: conversion, and the numpy copy; lossless WebP goes through libwebp's own buffers on top (18 measured).
+#: Peak bytes per pixel of a decode, by format (README, Security): Pillow's 4-byte pixels, its RGB
+#: conversion, and the numpy copy; lossless WebP goes through libwebp's own buffers on top.
 DECODE_BYTES_PER_PIXEL = {"JPEG": 11.0, "PNG": 11.0, "GIF": 11.0, "BMP": 11.0, "TIFF": 11.0, "WEBP": 18.0}
+#: Modes with a fourth channel (alpha, or CMYK's black) cost one more 4-byte copy on the way to RGB.
+FOUR_CHANNEL_MODES = frozenset({"RGBA", "RGBa", "RGBX", "CMYK", "LA", "La", "PA"})
 #: Modes of more than 8 bits a channel hold up to twice as many bytes before conversion.
-WIDE_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N", "F", "RGBA;16B", "RGB;16B"})
+WIDE_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 #: A JPEG marker after entropy-coded data: 0xFF, then anything but a stuffed zero, a restart marker or fill.
 _JPEG_MARKER = re.compile(rb"\xff+[^\x00\xd0-\xd7\xff]")
 _TIFF_TILE_WIDTH, _TIFF_TILE_LENGTH = 322, 323
@@ -102,6 +104,8 @@ def decode_weight(info: ImageInfo) -> float:
     if info.format == "JPEG" and info.mode in ("RGB", "L"):
         return 1.0  # libjpeg-turbo writes RGB straight into the array
     per_pixel = DECODE_BYTES_PER_PIXEL.get(info.format, max(DECODE_BYTES_PER_PIXEL.values()))
+    if info.mode in FOUR_CHANNEL_MODES:
+        per_pixel += 4
     if info.mode in WIDE_MODES:
         per_pixel *= 2
     return per_pixel / BASE_BYTES_PER_PIXEL

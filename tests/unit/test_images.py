@@ -286,8 +286,9 @@ def test_formats_weigh_their_worst_case_bytes_per_pixel() -> None:
         return images.decode_weight(images.ImageInfo(100, 100, fmt, mode))
 
     assert weight("JPEG", "RGB") == weight("JPEG", "L") == 1.0  # the budget's unit
-    assert weight("WEBP", "RGBA") == 18.0 / images.BASE_BYTES_PER_PIXEL  # lossless WebP, 18 bytes a pixel
-    assert weight("JPEG", "CMYK") > 1.0
+    assert weight("WEBP", "RGB") == 18.0 / images.BASE_BYTES_PER_PIXEL  # lossless WebP, 18 bytes a pixel
+    assert weight("WEBP", "RGBA") == 22.0 / images.BASE_BYTES_PER_PIXEL  # and 22 with alpha
+    assert weight("JPEG", "CMYK") == weight("PNG", "RGBA") == 15.0 / images.BASE_BYTES_PER_PIXEL
     assert weight("PNG", "I;16") == 2 * weight("PNG", "RGB")
     assert images.inspect(encoded(6, 4, "WEBP", lossless=True), LIMITS) == images.ImageInfo(6, 4, "WEBP", "RGB")
 
