@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import heapq
 import itertools
 import random
@@ -368,7 +369,9 @@ class Pipeline:
                     # the message is redelivered once, on purpose, rather than twice behind our back.
                     held_s = time.monotonic() - delivery.received_at
                     async with asyncio.timeout(self._settings.max_lease_duration_s - LEASE_MARGIN_S - held_s):
-                        return await self._once(job, delivery, lambda: self._run(job, delivery, timer))
+                        fingerprint = jobs.fingerprint(job)
+                        run = functools.partial(self._run, job, fingerprint, delivery, timer)
+                        return await self._once(job, fingerprint, delivery, run)
                 except TimeoutError:
                     return self._nack(delivery, job, "lease_expiring", "the job outlived its lease")
                 except TransientError as error:
@@ -394,9 +397,8 @@ class Pipeline:
             self.in_flight -= 1
             telemetry.IN_FLIGHT.dec()
 
-    async def _once(self, job: Job, delivery: Delivery, run: Callable[[], Awaitable[str]]) -> str:
+    async def _once(self, job: Job, fingerprint: str, delivery: Delivery, run: Callable[[], Awaitable[str]]) -> str:
         """Run the job unless the same job is already running here; then share its outcome."""
-        fingerprint = jobs.fingerprint(job)
         active = self._active.get(job.job_id)
         if active is not None:
             running_fingerprint, running = active
@@ -417,7 +419,7 @@ class Pipeline:
             self._active.pop(job.job_id, None)
             future.set_result(outcome)
 
-    async def _run(self, job: Job, delivery: Delivery, timer: Timer) -> str:
+    async def _run(self, job: Job, fingerprint: str, delivery: Delivery, timer: Timer) -> str:
         model = job.model
         if job.params.get("preprocess") == "server":
             # The model's ensemble decodes and encodes inside Triton: the worker only moves bytes.
@@ -427,7 +429,6 @@ class Pipeline:
         version = routing.choose_version(model, job.requested_version, job.job_id, self._routes)
         await self._catalog.check_version(model, version)
         structlog.contextvars.bind_contextvars(version=version or "default")
-        fingerprint = jobs.fingerprint(job)
 
         def retried() -> None:
             telemetry.JOBS.labels(job.model, self._catalog.version_label(model, version), "retried").inc()
