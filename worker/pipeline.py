@@ -654,7 +654,7 @@ class Pipeline:
         result.error_message = error.message
         if job is None and message is not None:
             result.job_id = message.job_id if jobs.valid_job_id(message.job_id) else ""
-            result.model = message.model[:64]
+            result.model = clip(message.model, 64)
         # A job's own failure is recorded under its name; a message that is no valid job, or that is
         # another job under a taken id, only under _invalid/, where it can shadow no one's record.
         if job is not None and error.code != JOB_ID_CONFLICT:
