@@ -96,6 +96,7 @@ BAD_KINDS: dict[str, str] = {
     "version_flood": "unknown_version",
     "huge_error_text": "invalid_format",
     "oversized_message": "too_large",
+    "params_flood": "invalid_message",
     # Names GCS refuses.
     "job_id_newline": "invalid_job_id",
     "input_name_dotdot": "invalid_uri",
@@ -443,6 +444,9 @@ class Run:
                 data, readable = invalid(input_uri=uris[0], output_format="x" * (limit // 2))
             elif kind == "oversized_message":
                 data, readable = json.dumps({"jobId": job_id, "model": MODEL, "pad": "x" * limit}).encode(), None
+            elif kind == "params_flood":
+                flood = {f"k{n}": "v" for n in range(limit // 16)}
+                data, readable = ImageJob(job_id=job_id, model=MODEL, params=flood).SerializeToString(), None
             elif kind == "job_id_newline":
                 data, readable = invalid(input_uri=uris[0], job_id=f"{job_id}\n")
             elif kind == "input_name_dotdot":
