@@ -108,7 +108,7 @@ async def retrying(
                 raise
             on_retry()
             delay = random.uniform(0, base_s * 2 ** (attempt - 1))
-            log.info("retrying", step=what, attempt=attempt, delay_s=round(delay, 3), error=str(exc))
+            log.info("retrying", step=what, attempt=attempt, delay_s=round(delay, 3), error=clip(str(exc)))
             await asyncio.sleep(delay)
     raise AssertionError("unreachable")
 
