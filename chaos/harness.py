@@ -38,11 +38,14 @@ from typing import Any
 
 import aiohttp
 
+from chaos.bad_inputs import scan_bomb, tiff_tile_bomb, webp_bomb
+from chaos.limits import MemoryLimit
 from worker.cli import spawn_worker
 from worker.client import JobClient, build_job, encode_job
 from worker.config import Settings
 from worker.demo import sample_image
 from worker.jobs import GcsRef, ImageJob
+from worker.jobs import max_message_bytes as jobs_max_message_bytes
 from worker.stack import Stack, free_port, provision_pubsub
 from worker.storage import Storage
 
@@ -64,8 +67,9 @@ MAX_INLINE_BYTES = 64 * 1024
 #: Seconds a dead-letter pull waits for messages before concluding there are none.
 DEAD_LETTER_PULL_S = 3.0
 
-#: Every kind of bad message issue 4 lists, and the error code its record must carry
-#: (``None``: the message is not a job at all, so its record goes under ``_invalid/``).
+#: Every kind of bad message, from broken ones to hostile ones, and the error code its record must
+#: carry. A message that is no valid job (or another job under a taken id) is recorded under
+#: ``_invalid/{message_id}``; a valid job that fails, under its id.
 BAD_KINDS: dict[str, str] = {
     "not_json_or_protobuf": "invalid_message",
     "wrong_field_types": "invalid_message",
@@ -79,7 +83,29 @@ BAD_KINDS: dict[str, str] = {
     "job_id_traversal": "invalid_job_id",
     "bucket_off_allowlist": "bucket_not_allowed",
     "empty_message": "invalid_message",
+    # Taking over another job's result.
+    "job_id_conflict": "job_id_conflict",
+    "invalid_with_taken_id": "invalid_format",
+    "record_named_like_a_result": "invalid_job_id",
+    # Memory and CPU far past what the file's size suggests.
+    "tiff_tile_bomb": "too_large",
+    "webp_lossless_bomb": "too_large",
+    "progressive_scan_bomb": "too_complex",
+    # Params.
+    "param_out_of_range": "invalid_param",
+    "param_not_a_number": "invalid_param",
+    "param_for_triton": "invalid_param",
+    # Amplifiers: metric series, error texts, parsing time.
+    "version_flood": "unknown_version",
+    "huge_error_text": "invalid_format",
+    "oversized_message": "too_large",
+    "params_flood": "invalid_message",
+    # Names GCS refuses.
+    "job_id_newline": "invalid_job_id",
+    "input_name_dotdot": "invalid_uri",
 }
+#: A forged W3C trace context, sent as a job param rather than as the message's attribute.
+FORGED_TRACEPARENT = "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01"
 
 
 @dataclass
@@ -145,8 +171,10 @@ class Snapshot:
 class WorkerProcess:
     """``tritonq run`` as a child process, as it runs in a pod; ``stop_hard()`` in a ``finally`` always."""
 
-    def __init__(self, env: Mapping[str, str], log_path: Path) -> None:
+    def __init__(self, env: Mapping[str, str], log_path: Path, memory: MemoryLimit | None = None) -> None:
         self.port = free_port()
+        #: The memory limit the process runs under, as a container's would bound it.
+        self.memory = memory
         self.env = {**env, "TRITONQ_HTTP_PORT": str(self.port)}
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
@@ -162,6 +190,9 @@ class WorkerProcess:
         if self.running:
             raise RuntimeError("worker already running")
         self.proc = spawn_worker(self.env, self.log_path)
+        if self.memory is not None:
+            # At once, while the interpreter is still importing: the limit holds before the first job.
+            self.memory.add(self.proc.pid)
         self.starts += 1
 
     async def wait_ready(self, timeout_s: float = WORKER_READY_TIMEOUT_S) -> None:
@@ -249,6 +280,7 @@ class Run:
         triton_url: str | None = None,
         dead_letter: bool = True,
         image_size: tuple[int, int] = IMAGE_SIZE,
+        memory_limit_bytes: int | None = None,
         **overrides: Any,
     ) -> None:
         suffix = uuid.uuid4().hex[:8]
@@ -256,6 +288,7 @@ class Run:
         self.stack = stack
         self.name = name
         self.image_size = image_size
+        self.memory = MemoryLimit(memory_limit_bytes) if memory_limit_bytes is not None else None
         self.dead_letter = dead_letter
         self.workdir = workdir
         values: dict[str, Any] = {
@@ -312,13 +345,16 @@ class Run:
         return env
 
     def worker(self, label: str = "worker", **extra: str) -> WorkerProcess:
-        worker = WorkerProcess(self.worker_env(**extra), self.workdir / f"{self.name}-{label}.log")
+        log = self.workdir / f"{self.name}-{label}.log"
+        worker = WorkerProcess(self.worker_env(**extra), log, self.memory)
         self.workers.append(worker)
         return worker
 
     def stop_workers(self) -> None:
         for worker in self.workers:
             worker.stop_hard()
+        if self.memory is not None:
+            self.memory.close()
 
     # -- publishing -------------------------------------------------------------------------------
 
@@ -329,9 +365,9 @@ class Run:
         ]
 
     def good_jobs(self, count: int, uris: list[str], *, inline: bool = False) -> list[ImageJob]:
-        """``count`` good jobs: versions 1, 2 and routed in turn; inline payloads or shared inputs."""
+        """``count`` more good jobs: versions 1, 2 and routed in turn; inline payloads or shared inputs."""
         jobs = []
-        for i in range(count):
+        for i in range(len(self.good), len(self.good) + count):
             options: dict[str, Any] = {
                 "job_id": f"{self.name}-{i:05d}",
                 "version": ("1", "2", "")[i % 3],
@@ -345,22 +381,33 @@ class Run:
         self.good.extend(jobs)
         return jobs
 
-    async def bad_messages(self, client: JobClient, count: int, uris: list[str]) -> list[BadMessage]:
-        """``count`` bad messages, every kind in ``BAD_KINDS`` in turn."""
+    async def bad_messages(
+        self, client: JobClient, count: int, uris: list[str], taken: list[ImageJob] | None = None
+    ) -> list[BadMessage]:
+        """``count`` bad messages, every kind in ``BAD_KINDS`` in turn; ``taken``: finished good jobs whose ids
+        the takeover kinds reuse (without them, those kinds reuse ids of their own)."""
         bucket = self.settings.input_bucket
         not_image = await client.upload_bytes(b"this is plain text, not an image", f"chaos/{self.name}-text.jpg")
         whole = sample_image(*IMAGE_SIZE, seed=99)
         truncated = await client.upload_bytes(whole[: len(whole) // 2], f"chaos/{self.name}-truncated.jpg")
         huge = await client.upload_bytes(huge_png(), f"chaos/{self.name}-huge.png", "image/png")
+        tiff = await client.upload_bytes(tiff_tile_bomb(), f"chaos/{self.name}-tile.tif", "image/tiff")
+        webp = await client.upload_bytes(webp_bomb(), f"chaos/{self.name}-lossless.webp", "image/webp")
+        scans = await client.upload_bytes(scan_bomb(), f"chaos/{self.name}-scans.jpg")
+        limit = jobs_max_message_bytes(self.settings.max_inline_bytes)
         kinds = list(BAD_KINDS)
         made: list[BadMessage] = []
         for i in range(count):
             kind = kinds[i % len(kinds)]
             job_id = f"{self.name}-bad-{kind}-{i:04d}"
+            victim = taken[i % len(taken)] if taken else build_job(MODEL, input_uri=uris[0], job_id=job_id)
 
             def job(model: str = MODEL, **options: Any) -> tuple[bytes, str | None]:
                 built = build_job(model, job_id=job_id, **options)  # noqa: B023 - used at once
                 return encode_job(built), built.job_id
+
+            def invalid(model: str = MODEL, **options: Any) -> tuple[bytes, str | None]:
+                return encode_job(build_job(model, **{"job_id": job_id, **options})), None  # noqa: B023
 
             attributes: dict[str, str] = {}
             readable: str | None
@@ -381,12 +428,53 @@ class Run:
             elif kind == "huge_png":
                 data, readable = job(input_uri=huge)
             elif kind == "inline_over_cap":
-                data, readable = job(input_bytes=random.Random(i).randbytes(MAX_INLINE_BYTES + 1024))
+                data, readable = invalid(input_bytes=random.Random(i).randbytes(MAX_INLINE_BYTES + 1024))
             elif kind == "job_id_traversal":
-                data = encode_job(build_job(MODEL, input_uri=uris[0], job_id=f"../{job_id}"))
-                readable = None
+                data, readable = invalid(input_uri=uris[0], job_id=f"../{job_id}")
             elif kind == "bucket_off_allowlist":
-                data, readable = job(input_uri="gs://someone-elses-bucket/x.jpg")
+                data, readable = invalid(input_uri="gs://someone-elses-bucket/x.jpg")
+            elif kind == "job_id_conflict":
+                # A valid job under an id a finished job holds, on another input: it must not pass for it.
+                other = next(uri for uri in [*uris, not_image] if uri != victim.input_uri)
+                data, readable = invalid(
+                    input_uri=other,
+                    job_id=victim.job_id,
+                    version=victim.model_version,
+                    output_prefix=victim.output_prefix,
+                )
+            elif kind == "invalid_with_taken_id":
+                data, readable = invalid(
+                    input_uri=uris[0], job_id=victim.job_id, output_format="gif", output_prefix=victim.output_prefix
+                )
+            elif kind == "record_named_like_a_result":
+                data, readable = invalid(
+                    input_uri=uris[0], job_id=f"{victim.job_id}.embedding", output_prefix=victim.output_prefix
+                )
+            elif kind == "tiff_tile_bomb":
+                data, readable = job(input_uri=tiff)
+            elif kind == "webp_lossless_bomb":
+                data, readable = job(input_uri=webp)
+            elif kind == "progressive_scan_bomb":
+                data, readable = job(input_uri=scans)
+            elif kind == "param_out_of_range":
+                data, readable = job(input_uri=uris[0], params={"scale": "1000"})
+            elif kind == "param_not_a_number":
+                data, readable = job(input_uri=uris[0], params={"scale": "abc"})
+            elif kind == "param_for_triton":
+                data, readable = job(input_uri=uris[0], params={"sequence_id": "7", "traceparent": FORGED_TRACEPARENT})
+            elif kind == "version_flood":
+                data, readable = job(input_uri=uris[0], version=str(100_000_000 + i))
+            elif kind == "huge_error_text":
+                data, readable = invalid(input_uri=uris[0], output_format="x" * (limit // 2))
+            elif kind == "oversized_message":
+                data, readable = json.dumps({"jobId": job_id, "model": MODEL, "pad": "x" * limit}).encode(), None
+            elif kind == "params_flood":
+                flood = {f"k{n}": "v" for n in range(limit // 16)}
+                data, readable = ImageJob(job_id=job_id, model=MODEL, params=flood).SerializeToString(), None
+            elif kind == "job_id_newline":
+                data, readable = invalid(input_uri=uris[0], job_id=f"{job_id}\n")
+            elif kind == "input_name_dotdot":
+                data, readable = invalid(input_uri=f"gs://{bucket}/..")
             else:  # empty_message: Pub/Sub needs data or attributes, so it carries one attribute
                 data, readable, attributes = b"", None, {"chaos": "empty"}
             made.append(BadMessage(kind, data, attributes, readable))
@@ -522,6 +610,9 @@ class Run:
             for bad in failed
             if snapshot.error_code(self.bad_key(bad)) != BAD_KINDS[bad.kind]
         }
+        sizes = [int((snapshot.record(self.bad_key(bad)) or {}).get("size", 0)) for bad in failed]
+        if sizes:
+            notes["largest_bad_record_bytes"] = max(sizes)
         duplicated = snapshot.duplicated()
         jobs_duplicated = {name.rsplit("/", 1)[-1].split(".", 1)[0] for name in duplicated}
         peak = max((w.sample_rss() for w in self.workers), default=0)
@@ -534,6 +625,11 @@ class Run:
         if duplicated:
             notes["duplicated_objects"] = duplicated[:20]
         notes["worker_starts"] = sum(w.starts for w in self.workers)
+        if self.memory is not None:
+            peak_limited = self.memory.peak_bytes()
+            notes["memory_limit"] = self.memory.kind
+            notes["memory_limit_peak_mb"] = round(peak_limited / 2**20, 1) if peak_limited else None
+            notes["oom_kills"] = self.memory.oom_kills()
         return Report(
             scenario=self.name,
             published=len(self.good) + len(self.bad),

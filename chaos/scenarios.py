@@ -14,8 +14,11 @@ import asyncio
 import math
 import random
 import time
+import urllib.request
 from pathlib import Path
+from typing import Any
 
+from chaos.bad_inputs import HealthProbe
 from chaos.harness import BAD_KINDS, Report, Run
 from chaos.proxy import FaultProxy
 from worker.consumer import LEASE_EXTENSION_S
@@ -183,28 +186,77 @@ async def storage_outage(
     )
 
 
+#: The bad-input scenario's worker runs under this address-space limit (``RLIMIT_AS``), a container's memory limit.
+BAD_INPUT_MEMORY_LIMIT_BYTES = 1 << 30
+#: Its limits, sized to fit: the largest image at its worst bytes per pixel (lossless WebP with alpha, 22),
+#: beside a pixel budget of a third of the memory at 4.5 bytes a pixel, beside the interpreter.
+BAD_INPUT_LIMITS: dict[str, Any] = {
+    "max_input_pixels": 12_000_000,
+    "max_pixels_in_flight": 60_000_000,
+    "preprocess_threads": 2,
+}
+#: Finished good jobs whose ids the takeover kinds then reuse.
+TAKEN_IDS = 3
+
+
 async def bad_messages(
-    stack: Stack, workdir: Path, *, jobs: int = 900, bad_share: float = 0.1, seed: int = 4
+    stack: Stack,
+    workdir: Path,
+    *,
+    jobs: int = 900,
+    bad_share: float = 0.1,
+    seed: int = 4,
+    memory_limit_bytes: int | None = BAD_INPUT_MEMORY_LIMIT_BYTES,
 ) -> Report:
-    """Scenario 4: ``bad_share`` of all messages are bad, of every kind; good work goes on, the worker never exits."""
-    run = Run(stack, "bad_messages", workdir)
+    """Scenario 4: ``bad_share`` of all messages are bad, of every kind; good work goes on, the worker never exits.
+
+    A few good jobs finish first, so that the takeover kinds have ids to reuse. ``/healthz`` is asked
+    every 0.1 s throughout, from a thread of the harness's own: its latencies are the report's.
+    """
+    run = Run(stack, "bad_messages", workdir, memory_limit_bytes=memory_limit_bytes, **BAD_INPUT_LIMITS)
     await run.setup()
     bad_count = max(len(BAD_KINDS), round(jobs * bad_share / (1 - bad_share)))
-    async with run.client() as client:
-        uris = await run.inputs(client)
-        good = run.good_jobs(jobs, uris)
-        bad = await run.bad_messages(client, bad_count, uris)
-        await run.publish(client, good, bad, seed=seed)
     worker = run.worker()
+    probe = HealthProbe(f"http://127.0.0.1:{worker.port}/healthz")
     try:
         worker.start()
         await worker.wait_ready()
+        probe.start()
+        async with run.client() as client:
+            uris = await run.inputs(client)
+            taken = run.good_jobs(TAKEN_IDS, uris)
+            await run.publish(client, taken, [], seed=seed)
+            await run.wait_progress(TAKEN_IDS, settle_timeout_s(TAKEN_IDS), alive=worker)
+            good = run.good_jobs(jobs - TAKEN_IDS, uris)
+            bad = await run.bad_messages(client, bad_count, uris, taken)
+            await run.publish(client, good, bad, seed=seed)
         await run.settle(settle_timeout_s(jobs + bad_count), alive=worker)
+        series = await asyncio.to_thread(version_series, worker.port)
         alive = worker.running
+        probe.stop()
         code, _ = await worker.terminate(60)
     finally:
+        probe.stop()
         run.stop_workers()
-    return await run.report(worker_survived=alive, last_exit_code=code)
+    return await run.report(
+        worker_survived=alive,
+        last_exit_code=code,
+        memory_limit_mb=memory_limit_bytes // 2**20 if memory_limit_bytes else None,
+        version_label_values=series,
+        **probe.summary(),
+    )
+
+
+def version_series(port: int) -> int:
+    """Distinct ``version`` label values of the worker's ``tritonq_jobs`` counter: the catalog's, or unknown."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    values = {
+        part.split('version="', 1)[1].split('"', 1)[0]
+        for part in text.splitlines()
+        if part.startswith("tritonq_jobs_total{") and 'version="' in part
+    }
+    return len(values)
 
 
 async def sigterm(

@@ -9,7 +9,10 @@ job imports it directly::
         result = await client.wait(job)
 
 Publishing uses the Pub/Sub publisher's own batching (many ``publish`` calls
-share requests); awaiting polls the result record with backoff.
+share requests); awaiting polls the result record with backoff. A job the
+worker found invalid (or whose id another job holds) is recorded under
+``_invalid/{message_id}``, not under its id: the client remembers the message
+ids it published, and looks there too.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import Any
 from google.protobuf import json_format
 
 from worker.config import Settings
-from worker.jobs import GcsRef, ImageJob, JobResult, join, parse_gs_uri
+from worker.jobs import INVALID_FOLDER, GcsRef, ImageJob, JobResult, join, parse_gs_uri
 from worker.storage import Storage, record_ref
 
 #: Backoff while awaiting a result record, in seconds: quick at first, then at most every second.
@@ -81,6 +84,15 @@ def encode_job(job: ImageJob) -> bytes:
     return json_format.MessageToJson(job, preserving_proto_field_name=False, indent=None).encode()
 
 
+def _outermost(prefixes: set[tuple[str, str]]) -> set[tuple[str, str]]:
+    """The (bucket, prefix) pairs no other pair contains: a listing is recursive, so ``a/`` covers ``a/_invalid/``."""
+    return {
+        (bucket, prefix)
+        for bucket, prefix in prefixes
+        if not any(b == bucket and p != prefix and (not p or prefix.startswith(f"{p}/")) for b, p in prefixes)
+    }
+
+
 class JobClient:
     """Publishes jobs to the settings' topic and reads their records from GCS."""
 
@@ -88,6 +100,8 @@ class JobClient:
         self.settings = settings
         self._storage = Storage()
         self._publisher: Any = None
+        #: Message ids this client published, by job id: where the records of refused messages go.
+        self._message_ids: dict[str, list[str]] = {}
 
     async def __aenter__(self) -> JobClient:
         from google.cloud import pubsub_v1
@@ -129,6 +143,7 @@ class JobClient:
         extra = {"priority": job.priority.lower()} if job.priority else {}
         future = self._publisher.publish(self.settings.topic_path, encode_job(job), **extra, **dict(attributes or {}))
         message_id: str = await asyncio.wrap_future(future)
+        self._message_ids.setdefault(job.job_id, []).append(message_id)
         return message_id
 
     async def publish_raw(self, data: bytes, attributes: Mapping[str, str] | None = None) -> str:
@@ -142,9 +157,21 @@ class JobClient:
             return parse_gs_uri(job.output_prefix)
         return GcsRef(self.settings.output_bucket, self.settings.output_prefix.strip("/"))
 
+    def records_of(self, job: ImageJob) -> list[GcsRef]:
+        """Where the job's record may be: beside its result, or under ``_invalid/`` for each message published."""
+        invalid = GcsRef(self.settings.output_bucket, join(self.settings.output_prefix, INVALID_FOLDER))
+        refs = [record_ref(self.output_of(job), job.job_id)] if job.job_id else []
+        return refs + [
+            GcsRef(invalid.bucket, join(invalid.name, f"{m}.json")) for m in self._message_ids.get(job.job_id, [])
+        ]
+
     async def result(self, job: ImageJob) -> JobResult | None:
         """The job's record if it has been written."""
-        return await self._read_record(record_ref(self.output_of(job), job.job_id))
+        for ref in self.records_of(job):
+            found = await self._read_record(ref)
+            if found is not None:
+                return found
+        return None
 
     async def _read_record(self, ref: GcsRef) -> JobResult | None:
         document = await self._storage.read_json(ref)
@@ -167,20 +194,25 @@ class JobClient:
         self, jobs: Sequence[ImageJob], timeout_s: float = 600.0, on_result: Callable[[JobResult], None] | None = None
     ) -> list[JobResult]:
         """Await many jobs at once: one listing per poll finds the new records, instead of a read per job."""
-        pending = {record_ref(self.output_of(job), job.job_id): index for index, job in enumerate(jobs)}
+        places = [self.records_of(job) for job in jobs]
+        pending = {ref: index for index, refs in enumerate(places) for ref in refs}
         results: list[JobResult | None] = [None] * len(jobs)
         delay = POLL_FIRST_S
         async with asyncio.timeout(timeout_s):
             while pending:
                 listed: set[GcsRef] = set()
-                for bucket, prefix in {(ref.bucket, ref.name.rpartition("/")[0]) for ref in pending}:
+                for bucket, prefix in _outermost({(ref.bucket, ref.name.rpartition("/")[0]) for ref in pending}):
                     names = await self._storage.list_names(bucket, f"{prefix}/" if prefix else "")
                     listed |= {GcsRef(bucket, name) for name in names}
                 for ref in [ref for ref in pending if ref in listed]:
+                    if ref not in pending:
+                        continue  # the job was found at another of its places this round
                     result = await self._read_record(ref)
                     if result is None:  # listed but not yet readable: look again next round
                         continue
-                    index = pending.pop(ref)
+                    index = pending[ref]
+                    for place in places[index]:
+                        pending.pop(place, None)
                     results[index] = result
                     if on_result is not None:
                         on_result(result)

@@ -8,11 +8,16 @@ validated once, at start, and frozen afterwards.
 
 from __future__ import annotations
 
+import math
 import os
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+#: Where the container's CPU limit is: cgroup v2's ``cpu.max``, else cgroup v1's CFS quota and period.
+CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 CsvList = Annotated[tuple[str, ...], NoDecode]
 CsvInts = Annotated[tuple[int, ...], NoDecode]
@@ -97,7 +102,12 @@ class Settings(BaseSettings):
         description="Requests one model may have in Triton at once, in multiples of its `max_batch_size`: "
         "enough for full batches, few enough that the worker can group the rest by shape.",
     )
-    preprocess_threads: int = Field(0, ge=0, description="Threads for image decode/encode; 0 means one per CPU core.")
+    preprocess_threads: int = Field(
+        0,
+        ge=0,
+        description="Threads for image decode/encode; 0 means one per CPU the container may use (its cgroup CPU "
+        "limit, rounded up, else the CPUs it may run on).",
+    )
     max_pixels_in_flight: int = Field(
         300_000_000,
         ge=1,
@@ -111,6 +121,13 @@ class Settings(BaseSettings):
         description="Images of at most this many pixels are decoded and encoded on the event loop, larger ones in "
         "the thread pool: a hand-off to a thread costs more CPU than small image work (see README Performance). "
         "0 sends all to threads.",
+    )
+    inline_max_bytes: int = Field(
+        64 * 1024,
+        ge=0,
+        description="Images of more encoded bytes than this go to the thread pool whatever their pixel count: a "
+        "small image can still be costly to decode (many scans, heavy compression), and the event loop serves "
+        "every job and probe.",
     )
 
     # Retries and shutdown.
@@ -131,6 +148,12 @@ class Settings(BaseSettings):
         40_000_000,
         ge=1,
         description="Largest decoded image, width x height; bigger is rejected, never decoded.",
+    )
+    max_decode_s: float = Field(
+        20.0,
+        gt=0,
+        description="Seconds one image decode may take; past it the job fails (`decode_timeout`) instead of "
+        "holding a thread.",
     )
 
     # Operations.
@@ -190,7 +213,38 @@ class Settings(BaseSettings):
 
     @property
     def thread_count(self) -> int:
-        return self.preprocess_threads or (os.cpu_count() or 2)
+        return self.preprocess_threads or available_cpus()
+
+
+def cgroup_cpu_limit(cpu_max: str | None, cfs_quota: str | None = None, cfs_period: str | None = None) -> float | None:
+    """CPUs a cgroup may use, from v2's ``cpu.max`` (``"200000 100000"``, ``"max 100000"``) or v1's CFS
+    quota and period; ``None`` when unlimited or unreadable."""
+    quota, period = [*cpu_max.split(), ""][:2] if cpu_max else (cfs_quota or "", cfs_period or "")
+    try:
+        quota_us, period_us = int(quota), int(period)
+    except ValueError:
+        return None  # "max", or nothing to read
+    return quota_us / period_us if quota_us > 0 and period_us > 0 else None
+
+
+def available_cpus(root: Path = CGROUP_ROOT) -> int:
+    """CPUs this process may use: its cgroup's limit rounded up, at most the CPUs it may run on.
+
+    ``os.cpu_count()`` counts the node's cores: in a pod limited to 2 CPUs on a 64-core node it
+    would start 64 threads, each holding an image's pixels.
+    """
+
+    def read(path: Path) -> str | None:
+        try:
+            return path.read_text().strip()
+        except OSError:
+            return None
+
+    limit = cgroup_cpu_limit(
+        read(root / "cpu.max"), read(root / "cpu" / "cpu.cfs_quota_us"), read(root / "cpu" / "cpu.cfs_period_us")
+    )
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(usable, math.ceil(limit))) if limit is not None else max(1, usable)
 
 
 def _path(project: str, kind: str, name: str) -> str:

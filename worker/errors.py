@@ -6,7 +6,20 @@ retrying cannot help, so the worker records the error and acks. A
 ``TransientError`` is the world being briefly unwell (Triton restarting, GCS
 5xx, a reset stream): retried in-process with backoff, then nacked so Pub/Sub
 redelivers. Anything else is a bug, nacked and counted.
+
+Error texts travel into records, logs and the results topic, and may quote
+what a producer sent: ``clip`` bounds them and keeps only printable text, so
+a message cannot make the worker write or publish more than it received.
 """
+
+#: Longest error text kept: enough for a reason and the value it names, too short to amplify input.
+MAX_ERROR_CHARS = 300
+
+
+def clip(text: str, limit: int = MAX_ERROR_CHARS) -> str:
+    """``text`` with unprintable characters escaped and cut to ``limit`` characters (an ellipsis marks a cut)."""
+    printable = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[: limit * 4])
+    return printable if len(printable) <= limit else printable[: limit - 1] + "\u2026"
 
 
 class TritonqError(Exception):
@@ -22,6 +35,7 @@ class PermanentJobError(TritonqError):
     """
 
     def __init__(self, code: str, message: str) -> None:
+        message = clip(message)
         super().__init__(message)
         self.code = code
         self.message = message

@@ -11,17 +11,27 @@ encode 2.2x as fast as one; Pillow's in-memory encode holds it). Pillow reads
 every header and decodes and encodes everything else.
 Decoding is the security boundary for untrusted input: the byte size, the pixel
 count (checked from the header, before any pixel is decoded) and the format are
-all limited, and anything that cannot be read is a ``PermanentJobError``.
+all limited, and anything that cannot be read is a ``PermanentJobError``. What
+a small file can still cost is bounded before decoding too: a progressive JPEG
+with more scans than a real one has, and a TIFF whose tiles are larger than its
+image (libtiff allocates a whole tile), are refused; ``decode_weight`` says how
+many bytes per pixel a format and mode may take at the peak of a decode, for
+the pipeline's memory budget; a decode that overruns ``max_seconds`` stops at
+its next read. The first decoder's refusal is final: no second decoder spends
+CPU on bytes one has refused.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import math
+import re
+import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import simplejpeg
@@ -44,17 +54,61 @@ ENCODERS: dict[str, tuple[str, dict[str, object]]] = {
     "png": ("PNG", {"compress_level": 1}),
     "webp": ("WEBP", {"quality": 85, "method": 2}),
 }
+#: Scans a progressive JPEG may have. libjpeg's own progressions use 10 (colour) or 6 (grey); each
+#: scan re-walks every coefficient, so a file of thousands of tiny scans costs CPU out of all proportion.
+MAX_JPEG_SCANS = 100
+#: TIFF tiles are multiples of 16 px on a side, so a tile may pass the image's edge by this much.
+TIFF_TILE_ALIGN = 16
+#: Worker memory per decoded pixel the pixel budget is calibrated on (a plain JPEG into RGB).
+BASE_BYTES_PER_PIXEL = 4.5
+#: Peak bytes per pixel of a decode, by format (README, Security): Pillow's 4-byte pixels, its RGB
+#: conversion, and the numpy copy; lossless WebP goes through libwebp's own buffers on top.
+DECODE_BYTES_PER_PIXEL = {"JPEG": 11.0, "PNG": 11.0, "GIF": 11.0, "BMP": 11.0, "TIFF": 11.0, "WEBP": 18.0}
+#: Modes with a fourth channel (alpha, or CMYK's black) cost one more 4-byte copy on the way to RGB.
+FOUR_CHANNEL_MODES = frozenset({"RGBA", "RGBa", "RGBX", "CMYK", "LA", "La", "PA"})
+#: Modes of more than 8 bits a channel hold up to twice as many bytes before conversion.
+WIDE_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
+#: A JPEG marker after entropy-coded data: 0xFF, then anything but a stuffed zero, a restart marker or fill.
+_JPEG_MARKER = re.compile(rb"\xff+[^\x00\xd0-\xd7\xff]")
+_TIFF_TILE_WIDTH, _TIFF_TILE_LENGTH = 322, 323
 CONTENT_TYPES = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
 EXTENSIONS = {"jpeg": "jpg", "png": "png", "webp": "webp"}
 
 
 @dataclass(frozen=True)
 class DecodeLimits:
-    """What an input image may be: at most ``max_bytes`` encoded and ``max_pixels`` decoded."""
+    """What an input image may be: at most ``max_bytes`` encoded and ``max_pixels`` decoded, in ``max_seconds``."""
 
     max_bytes: int
     max_pixels: int
     formats: frozenset[str] = ALLOWED_FORMATS
+    max_seconds: float = math.inf
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What an image's header says: enough to weigh the job before decoding it."""
+
+    width: int
+    height: int
+    format: str
+    mode: str
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+
+def decode_weight(info: ImageInfo) -> float:
+    """How many budget pixels one pixel of this image weighs while it decodes (1 for a plain JPEG)."""
+    if info.format == "JPEG" and info.mode in ("RGB", "L"):
+        return 1.0  # libjpeg-turbo writes RGB straight into the array
+    per_pixel = DECODE_BYTES_PER_PIXEL.get(info.format, max(DECODE_BYTES_PER_PIXEL.values()))
+    if info.mode in FOUR_CHANNEL_MODES:
+        per_pixel += 4
+    if info.mode in WIDE_MODES:
+        per_pixel *= 2
+    return per_pixel / BASE_BYTES_PER_PIXEL
 
 
 def configure_pillow(max_pixels: int) -> None:
@@ -71,21 +125,48 @@ def decode(data: bytes, limits: DecodeLimits, draft_size: tuple[int, int] | None
     with _as_job_errors("could not be decoded"):
         opened = _open(data, limits)
         if draft_size is None and _plain_jpeg(opened, data):
-            try:
-                array: NDArray[Any] = simplejpeg.decode_jpeg(data, colorspace="RGB")
-                return array
-            except ValueError:
-                # Strict libjpeg-turbo refuses what libjpeg only warns about (stray bytes between
-                # markers, say): Pillow, which tolerates that much, has the last word.
-                pass
+            # Its refusal is final: a second decoder would spend as much CPU again on the same bytes.
+            array: NDArray[Any] = simplejpeg.decode_jpeg(data, colorspace="RGB")
+            return array
         return np.asarray(_load_rgb(opened, draft_size))
 
 
 def probe(data: bytes, limits: DecodeLimits) -> tuple[int, int]:
     """Check an encoded image against the limits from its header alone; returns (width, height)."""
+    info = inspect(data, limits)
+    return info.width, info.height
+
+
+def inspect(data: bytes, limits: DecodeLimits) -> ImageInfo:
+    """Check an encoded image against the limits from its headers alone; returns what they say."""
     with _as_job_errors("header could not be read"), _open(data, limits) as opened:
         width, height = opened.size
-        return width, height
+        return ImageInfo(width, height, opened.format or "", opened.mode)
+
+
+def jpeg_scans(data: bytes, stop_after: int = MAX_JPEG_SCANS) -> int:
+    """Scans (SOS markers) in a JPEG, counted by walking its marker segments; stops past ``stop_after``."""
+    scans, position = 0, 2  # after SOI
+    while position + 4 <= len(data) and scans <= stop_after:
+        if data[position] != 0xFF:
+            return scans  # not a marker where one must be: the decoder will say what is wrong
+        marker = data[position + 1]
+        if marker == 0xFF:  # fill byte
+            position += 1
+            continue
+        if marker == 0xD9:  # EOI
+            return scans
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length
+            position += 2
+            continue
+        position += 2 + int.from_bytes(data[position + 2 : position + 4], "big")
+        if marker == 0xDA:
+            scans += 1
+            found = _JPEG_MARKER.search(data, position)
+            if found is None:
+                return scans
+            position = found.end() - 2
+    return scans
 
 
 def _plain_jpeg(opened: Image.Image, data: bytes) -> bool:
@@ -116,18 +197,52 @@ def _load_rgb(opened: Image.Image, draft_size: tuple[int, int] | None) -> Image.
     return opened if opened.mode == "RGB" else opened.convert("RGB")
 
 
+class _DeadlineReader(io.BytesIO):
+    """The encoded bytes as Pillow reads them, block by block: a decode past its deadline stops at its next read."""
+
+    def __init__(self, data: bytes, seconds: float) -> None:
+        super().__init__(data)
+        self._deadline = time.monotonic() + seconds
+
+    def read(self, size: int | None = -1, /) -> bytes:
+        if time.monotonic() > self._deadline:
+            raise PermanentJobError("decode_timeout", "decoding the image took longer than its time budget")
+        return super().read(size)
+
+
 def _open(data: bytes, limits: DecodeLimits) -> Image.Image:
-    """Open (header only) an image within the byte, format and pixel limits."""
+    """Open (header only) an image within the byte, format, pixel, scan and tile limits."""
     if not data:
         raise PermanentJobError("not_an_image", "input is empty")
     if len(data) > limits.max_bytes:
         raise PermanentJobError("too_large", f"input is {len(data)} bytes, limit {limits.max_bytes}")
-    opened = Image.open(io.BytesIO(data), formats=sorted(limits.formats))
+    source: BinaryIO = (
+        _DeadlineReader(data, limits.max_seconds) if math.isfinite(limits.max_seconds) else io.BytesIO(data)
+    )
+    opened = Image.open(source, formats=sorted(limits.formats))
+    try:
+        _check_costs(opened, data, limits)
+    except PermanentJobError:
+        opened.close()
+        raise
+    return opened
+
+
+def _check_costs(opened: Image.Image, data: bytes, limits: DecodeLimits) -> None:
+    """Refuse what the header shows to cost more than its pixels: too many pixels, scans, or too large tiles."""
     width, height = opened.size
     if width * height > limits.max_pixels:
-        opened.close()
         raise PermanentJobError("too_large", f"image is {width}x{height} pixels, limit {limits.max_pixels} pixels")
-    return opened
+    if opened.format == "JPEG" and (scans := jpeg_scans(data)) > MAX_JPEG_SCANS:
+        raise PermanentJobError("too_complex", f"JPEG has over {scans - 1} scans, limit {MAX_JPEG_SCANS}")
+    if opened.format == "TIFF":
+        tags = getattr(opened, "tag_v2", {})
+        tile = (int(tags.get(_TIFF_TILE_WIDTH, 0)), int(tags.get(_TIFF_TILE_LENGTH, 0)))
+        edge = (-(-width // TIFF_TILE_ALIGN) * TIFF_TILE_ALIGN, -(-height // TIFF_TILE_ALIGN) * TIFF_TILE_ALIGN)
+        if tile[0] > edge[0] or tile[1] > edge[1]:
+            raise PermanentJobError(
+                "too_large", f"TIFF tiles of {tile[0]}x{tile[1]} are larger than its {width}x{height} image"
+            )
 
 
 @contextlib.contextmanager

@@ -16,12 +16,18 @@ Kinds:
 - ``detections``: FP32 ``[3, S, S]`` in, YOLO rows ``[R, 5 + C]`` out, NMS-filtered boxes as JSON.
 - ``encoded_image``: the encoded file in, an encoded image out (BYTES both ways): decoding and encoding
   run inside Triton (an ensemble), for producers who want preprocessing on the server.
+
+A job's params are declared per model (``tritonq_params`` in its config, e.g.
+``"scale=2|4;strength=0..100"``, or the built-in table): a name the model does
+not declare, or a value outside its choices or range, is an ``invalid_param``,
+and only declared params reach Triton as request parameters.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +51,13 @@ BUILTIN_KINDS = {
     "pcb_detector": "detections",
 }
 KINDS = frozenset({"image", "embedding", "classification", "detections", "encoded_image"})
+#: ``tritonq_params`` of the seed models whose Triton configs carry none.
+BUILTIN_PARAMS = {"upscale": "scale=2|4"}
+#: Params the worker itself reads, accepted by every model and never sent to Triton
+#: (``preprocess=server`` sends a job to the model's ``_bytes`` variant).
+WORKER_PARAMS = {"preprocess": ("worker", "server")}
+#: Integer params are at most this many digits: ranges are for small numbers, not arithmetic on huge ones.
+_INTEGER_RE = re.compile(r"-?[0-9]{1,9}")
 #: Triton data type names to numpy.
 WIRE_DTYPES = {
     "TYPE_UINT8": "UINT8",
@@ -79,6 +92,44 @@ class Tensor:
 
 
 @dataclass(frozen=True)
+class Param:
+    """One request parameter a model declares: a set of ``choices`` (the first is the default), or an integer range."""
+
+    name: str
+    choices: tuple[str, ...] = ()
+    low: int = 0
+    high: int = 0
+
+    def check(self, value: str) -> str:
+        if self.choices:
+            if value not in self.choices:
+                raise PermanentJobError("invalid_param", f"param {self.name!r} must be one of {list(self.choices)}")
+            return value
+        if not _INTEGER_RE.fullmatch(value) or not self.low <= int(value) <= self.high:
+            raise PermanentJobError(
+                "invalid_param", f"param {self.name!r} must be an integer in [{self.low}, {self.high}]"
+            )
+        return value
+
+
+def parse_params(text: str) -> dict[str, Param]:
+    """Parse ``name=a|b|c;name2=low..high`` (a model's ``tritonq_params``); ``ValueError`` names the bad entry."""
+    declared: dict[str, Param] = {}
+    for entry in filter(None, (part.strip() for part in text.split(";"))):
+        name, sep, rule = (piece.strip() for piece in entry.partition("="))
+        if not sep or not name or not rule:
+            raise ValueError(f"tritonq_params entry {entry!r}: expected name=a|b or name=low..high")
+        low, dots, high = rule.partition("..")
+        if dots:
+            if not (_INTEGER_RE.fullmatch(low) and _INTEGER_RE.fullmatch(high)) or int(low) > int(high):
+                raise ValueError(f"tritonq_params entry {entry!r}: {rule!r} is not an integer range")
+            declared[name] = Param(name, low=int(low), high=int(high))
+        else:
+            declared[name] = Param(name, choices=tuple(c.strip() for c in rule.split("|") if c.strip()))
+    return declared
+
+
+@dataclass(frozen=True)
 class Prepared:
     """A job's input tensor, and what postprocessing needs to know about the original."""
 
@@ -107,6 +158,8 @@ class ModelSpec:
     output: Tensor
     max_batch_size: int
     params: Mapping[str, str] = field(default_factory=dict)
+    #: Request parameters a job may set, by name.
+    declared: Mapping[str, Param] = field(default_factory=dict)
 
     @classmethod
     def from_triton_config(cls, config: Mapping[str, Any]) -> ModelSpec:
@@ -129,6 +182,7 @@ class ModelSpec:
             output=tensor(config["output"][0]),
             max_batch_size=int(config.get("max_batch_size", 0)),
             params=params,
+            declared=parse_params(params.get("tritonq_params", BUILTIN_PARAMS.get(name, ""))),
         )
 
     @property
@@ -140,6 +194,25 @@ class ModelSpec:
         """(W, H) of fixed-size vision inputs laid out ``[3, H, W]``."""
         _, height, width = self.input.dims
         return (width, height)
+
+    def request_parameters(self, params: Mapping[str, str]) -> dict[str, str]:
+        """The job's params checked against the model's declaration: what reaches Triton, defaults filled in."""
+        for name, value in params.items():
+            if name in WORKER_PARAMS:
+                if value not in WORKER_PARAMS[name]:
+                    raise PermanentJobError(
+                        "invalid_param", f"param {name!r} must be one of {list(WORKER_PARAMS[name])}"
+                    )
+            elif name not in self.declared:
+                known = sorted([*self.declared, *WORKER_PARAMS])
+                raise PermanentJobError(
+                    "invalid_param", f"model {self.name!r} takes no param {name!r} (it takes {known})"
+                )
+        checked = {name: rule.check(params[name]) for name, rule in self.declared.items() if name in params}
+        for name, rule in self.declared.items():
+            if name not in checked and rule.choices:
+                checked[name] = rule.choices[0]
+        return checked
 
     def output_nbytes(self, prepared: Prepared) -> int:
         """Bytes of this job's output tensor (batch of one) if knowable before inference, else 0.
@@ -161,7 +234,7 @@ class ModelSpec:
         image models the output too (``scale`` times larger on each side)."""
         if self.kind != "image":
             return width * height  # square models resize to their small input; outputs are small tensors
-        scale = int(image_parameters(self.name, params).get("scale", "1"))
+        scale = int(self.request_parameters(params).get("scale", "1"))
         return width * height * (1 + scale * scale)
 
     def default_format(self, channels: int) -> str:
@@ -182,7 +255,7 @@ class ModelSpec:
             height, width = array.shape[:2]
             if buckets and self.params.get("tritonq_shape_buckets") != "off":
                 array = images.pad_to_bucket(array, buckets)
-            return Prepared(array, (width, height), image_parameters(self.name, params))
+            return Prepared(array, (width, height), self.request_parameters(params))
         if self.kind == "encoded_image":
             # Triton decodes; the worker only checks the header against the same limits.
             width, height = images.probe(data, limits)
@@ -194,7 +267,7 @@ class ModelSpec:
         tensor = images.to_chw_float(array, size)
         if self.params.get("tritonq_normalize") == "imagenet":
             tensor = (tensor - IMAGENET_MEAN) / IMAGENET_STD
-        return Prepared(tensor, (width, height))
+        return Prepared(tensor, (width, height), self.request_parameters(params))
 
     def postprocess(self, output: NDArray[Any], prepared: Prepared, fmt: str) -> Output:
         """Turn one output tensor (batch dimension removed) into the bytes written to GCS."""
@@ -229,16 +302,6 @@ class ModelSpec:
             document = {"detections": boxes, "image_size": list(prepared.original_size)}
         # "{job_id}.json" is the job's record: a JSON result is named by its kind beside it.
         return Output(json.dumps(document).encode(), f"{self.kind}.json", "application/json", output.shape)
-
-
-def image_parameters(model: str, params: Mapping[str, str]) -> dict[str, str]:
-    """Job params forwarded to Triton as request parameters, checked where the worker knows the rules."""
-    if model == "upscale":
-        scale = params.get("scale", "2")
-        if scale not in ("2", "4"):
-            raise PermanentJobError("invalid_params", f"upscale scale must be 2 or 4, not {scale!r}")
-        return {"scale": scale}
-    return dict(params)
 
 
 def to_npy(array: NDArray[Any]) -> bytes:

@@ -14,6 +14,12 @@ once, so the same job may be finished twice, and the second write of a result
 finds the first and counts as success. Status codes map to the error types
 through ``_ERRORS``; the caller's context decides whether a missing object is
 the job's fault (an input) or nothing at all (a record not yet written).
+
+Names: a job's record is ``{job_id}.json`` and its result ``{job_id}.{ext}``
+(``jpg``, ``png``, ``webp``, ``{kind}.json``, ``{kind}.npy``); job ids never end
+in ``.{kind}`` (``jobs.valid_job_id``), so no record is named like a result.
+Every object carries the writing job's fingerprint in its metadata, so a job
+that finds its name taken can tell itself from another job.
 """
 
 from __future__ import annotations
@@ -157,6 +163,18 @@ class Storage:
             raise _transient(exc, f"read {ref.uri}") from exc
         document: dict[str, Any] = json.loads(data)
         return document
+
+    async def read_metadata(self, ref: GcsRef) -> dict[str, str] | None:
+        """An object's custom metadata (``{}`` if it has none), or ``None`` if the object does not exist."""
+        try:
+            document = await self.client.download_metadata(ref.bucket, ref.name, timeout=REQUEST_TIMEOUT_S)
+        except aiohttp.ClientResponseError as exc:
+            if exc.status == 404:
+                return None
+            raise _transient(exc, f"read metadata {ref.uri}") from exc
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise _transient(exc, f"read metadata {ref.uri}") from exc
+        return {str(k): str(v) for k, v in (document.get("metadata") or {}).items()}
 
     async def upload(self, ref: GcsRef, data: bytes, content_type: str) -> None:
         """Plain upload, overwriting: for producers' inputs, not results."""

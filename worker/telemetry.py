@@ -5,7 +5,10 @@ so Cloud Logging on GKE parses them without an agent config; on a TTY they are
 human-readable instead. A job's fields (``job_id``, ``message_id``, ``model``,
 ``version``, ``delivery_attempt``) are bound with structlog's contextvars for
 every line it logs. Metric names start with ``tritonq_`` and are documented in
-the README; Triton exports its own on its metrics port.
+the README; Triton exports its own on its metrics port. Label values come
+from the worker, never straight from a message: a model or version the
+catalog does not serve is ``unknown`` (``Catalog.label``, ``Catalog.version_label``),
+so no publisher can grow the number of series.
 """
 
 from __future__ import annotations

@@ -545,6 +545,12 @@ class Catalog:
         """The metrics label of a model: itself if served, else ``unknown`` (keeps label cardinality bounded)."""
         return model if model in self._known else "unknown"
 
+    def version_label(self, model: str, version: str) -> str:
+        """The metrics label of a version: itself if the catalog has it, ``default`` if none, else ``unknown``."""
+        if not version:
+            return "default"
+        return version if version in self._ready.get(model, ()) else "unknown"
+
     async def refresh(self) -> None:
         async with self._lock:
             loop = asyncio.get_running_loop()

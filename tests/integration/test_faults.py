@@ -122,6 +122,13 @@ async def test_ten_percent_bad_messages_of_every_kind(stack: Stack, tmp_path: Pa
     assert "unexpected_error_codes" not in report.notes, report.notes
     assert report.notes["worker_survived"]
     assert report.notes["last_exit_code"] == 0
+    # Under a 1 GiB address-space limit, the hostile kinds among them: never a restart, never a dead probe.
+    assert report.notes["memory_limit_mb"] == 1024 and report.notes["oom_kills"] in (0, None)
+    assert report.notes["worker_starts"] == 1
+    assert report.notes["healthz_probes"] > 0 and report.notes["healthz_failures"] == 0
+    # Records stay small whatever the message held; metric labels stay the catalog's.
+    assert report.notes["largest_bad_record_bytes"] < 4096
+    assert report.notes["version_label_values"] <= 4  # 1, 2, default, unknown
 
 
 async def test_sigterm_mid_run_exits_zero_within_the_grace_period(stack: Stack, tmp_path: Path) -> None:

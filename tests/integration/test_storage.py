@@ -71,3 +71,17 @@ async def test_upload_overwrites_and_listing_follows_pages(storage: tuple[Storag
         await client.write_once(GcsRef(bucket, f"many/{i:04d}.json"), b"{}", "application/json")
     names = await client.list_names(bucket, "many/")
     assert names == {f"many/{i:04d}.json" for i in range(1005)}
+
+
+async def test_an_objects_metadata_carries_the_fingerprint_of_the_job_that_wrote_it(
+    storage: tuple[Storage, str],
+) -> None:
+    # A job that finds its result's name taken tells itself from another job by this.
+    client, bucket = storage
+    ref = GcsRef(bucket, "results/j1.jpg")
+    assert await client.write_once(ref, b"pixels", "image/jpeg", {"job_id": "j1", "fingerprint": "f" * 32}) is True
+    assert await client.read_metadata(ref) == {"job_id": "j1", "fingerprint": "f" * 32}
+    plain = GcsRef(bucket, "results/plain.jpg")
+    await client.upload(plain, b"pixels", "image/jpeg")
+    assert await client.read_metadata(plain) == {}
+    assert await client.read_metadata(GcsRef(bucket, "results/nope.jpg")) is None

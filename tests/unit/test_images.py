@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -128,10 +130,22 @@ def test_refuses_formats_off_the_allowlist() -> None:
     assert header_code(encoded(8, 8, "ICO")) == "not_an_image"
 
 
-def test_refuses_too_many_pixels_before_decoding() -> None:
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that claims ``width`` x ``height`` grey pixels and holds a few: the header is what is checked."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(bytes(64))) + chunk(b"IEND", b"")
+    )
+
+
+def test_refuses_too_many_pixels_before_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
     # A 30000x30000 PNG compresses to a few hundred KB; the header check refuses it unread.
-    bomb = encoded(30_000, 30_000, "PNG", mode="L", optimize=False)
-    assert len(bomb) < LIMITS.max_bytes
+    bomb = png_header(30_000, 30_000)
+    monkeypatch.setattr(Image.Image, "load", never)
     assert header_code(bomb) == "too_large"
 
 
@@ -206,3 +220,101 @@ def test_bucketing_pads_to_few_shapes_and_crops_back() -> None:
     doubled = np.repeat(np.repeat(padded, 2, axis=0), 2, axis=1)  # a 2x upscale of the padded input
     assert images.crop_output(doubled, (300, 200), (512, 256)).shape == (600, 400, 3)
     assert images.pad_to_bucket(padded, buckets) is padded
+
+
+def progressive(extra_scans: int = 0, size: int = 64) -> bytes:
+    """A progressive JPEG; ``extra_scans`` repeats its last scan that many times more before EOI."""
+    out = io.BytesIO()
+    Image.fromarray(np.asarray(Image.open(io.BytesIO(sample_image(size, size))))).save(out, "JPEG", progressive=True)
+    data = out.getvalue()
+    last, end = data.rindex(b"\xff\xda"), len(data) - 2  # stuffing keeps FF DA out of entropy-coded data
+    return data[:end] + data[last:end] * extra_scans + data[end:]
+
+
+def never(*args: object, **kwargs: object) -> None:
+    raise AssertionError("decoded an image that its header should have refused")
+
+
+def test_jpeg_scans_are_counted_from_the_markers() -> None:
+    plain = progressive()
+    assert images.jpeg_scans(plain) == 10  # libjpeg's colour progression
+    assert images.jpeg_scans(sample_image(64, 48)) == 1  # baseline
+    assert images.jpeg_scans(progressive(50)) == 60
+    assert images.jpeg_scans(progressive(500)) == images.MAX_JPEG_SCANS + 1  # stops counting past the limit
+
+
+def test_a_progressive_jpeg_of_too_many_scans_is_refused_before_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A small image with thousands of scans costs seconds of CPU per decode, each scan re-walking the pixels.
+    bomb = progressive(images.MAX_JPEG_SCANS)
+    monkeypatch.setattr(images.simplejpeg, "decode_jpeg", never)
+    monkeypatch.setattr(Image.Image, "load", never)
+    assert header_code(bomb) == "too_complex"
+
+
+def test_a_decoders_refusal_is_final(monkeypatch: pytest.MonkeyPatch) -> None:
+    # No second decoder spends the same CPU again on bytes the first refused.
+    def refused(data: bytes, **options: object) -> None:
+        raise ValueError("libjpeg-turbo: corrupt data")
+
+    jpeg = sample_image(64, 48)
+    monkeypatch.setattr(images.simplejpeg, "decode_jpeg", refused)
+    monkeypatch.setattr(Image.Image, "load", never)
+    assert code(jpeg) == "corrupt_image"
+
+
+def tiff(width: int, height: int, tile: int) -> bytes:
+    """A deflate-compressed grey TIFF of one ``tile`` x ``tile`` tile, built tag by tag (little-endian)."""
+    pixels = zlib.compress(bytes(64))  # what the tile holds does not matter: it is refused unread
+    entries = [
+        (256, 4, width),
+        (257, 4, height),
+        (258, 3, 8),
+        (259, 3, 8),  # deflate
+        (262, 3, 1),  # black is zero
+        (277, 3, 1),
+        (322, 4, tile),
+        (323, 4, tile),
+        (324, 4, 8 + 2 + 12 * 10 + 4),  # the tile's data follows the directory
+        (325, 4, len(pixels)),
+    ]
+    directory = struct.pack("<H", len(entries))
+    for tag, kind, value in entries:
+        directory += struct.pack("<HHI", tag, kind, 1) + struct.pack(
+            "<I" if kind == 4 else "<HH", value, *([0] if kind == 3 else [])
+        )
+    return b"II*\x00" + struct.pack("<I", 8) + directory + struct.pack("<I", 0) + pixels
+
+
+def test_tiff_tiles_larger_than_the_image_are_refused_unread(monkeypatch: pytest.MonkeyPatch) -> None:
+    # libtiff allocates a whole tile: a 32768-pixel-square tile is a gigabyte for a 16x16 image.
+    monkeypatch.setattr(Image.Image, "load", never)
+    assert header_code(tiff(16, 16, 32768)) == "too_large"
+    assert header_code(tiff(20, 20, 48)) == "too_large"  # past the 16-pixel alignment of the edge
+    assert images.inspect(tiff(20, 20, 32), LIMITS) == images.ImageInfo(20, 20, "TIFF", "L")
+
+
+def test_formats_weigh_their_worst_case_bytes_per_pixel() -> None:
+    def weight(fmt: str, mode: str) -> float:
+        return images.decode_weight(images.ImageInfo(100, 100, fmt, mode))
+
+    assert weight("JPEG", "RGB") == weight("JPEG", "L") == 1.0  # the budget's unit
+    assert weight("WEBP", "RGB") == 18.0 / images.BASE_BYTES_PER_PIXEL  # lossless WebP, 18 bytes a pixel
+    assert weight("WEBP", "RGBA") == 22.0 / images.BASE_BYTES_PER_PIXEL  # and 22 with alpha
+    assert weight("JPEG", "CMYK") == weight("PNG", "RGBA") == 15.0 / images.BASE_BYTES_PER_PIXEL
+    assert weight("PNG", "I;16") == 2 * weight("PNG", "RGB")
+    assert images.inspect(encoded(6, 4, "WEBP", lossless=True), LIMITS) == images.ImageInfo(6, 4, "WEBP", "RGB")
+
+
+def test_a_decode_past_its_time_budget_stops_at_its_next_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = iter(range(0, 10_000, 1))  # a second passes at every look at the clock
+    monkeypatch.setattr(images.time, "monotonic", lambda: float(next(clock)))
+    noisy = Image.fromarray(np.random.default_rng(0).integers(0, 255, (512, 512, 3), dtype=np.uint8))
+    out = io.BytesIO()
+    noisy.save(out, "PNG", compress_level=0)  # 768 KB: a dozen blocks to read
+    limits = images.DecodeLimits(max_bytes=5_000_000, max_pixels=2_000_000, max_seconds=5)
+    assert code(out.getvalue(), limits) == "decode_timeout"
+    assert images.decode(out.getvalue(), images.DecodeLimits(max_bytes=5_000_000, max_pixels=2_000_000)).shape == (
+        512,
+        512,
+        3,
+    )

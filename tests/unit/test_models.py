@@ -13,7 +13,7 @@ from PIL import Image
 from worker.demo import sample_image
 from worker.errors import PermanentJobError
 from worker.images import DecodeLimits
-from worker.models import ModelSpec, Tensor, decode_detections, nms, top_k
+from worker.models import ModelSpec, Tensor, decode_detections, nms, parse_params, top_k
 
 LIMITS = DecodeLimits(max_bytes=10**7, max_pixels=10**7)
 
@@ -123,7 +123,7 @@ def test_image_inputs_are_padded_to_a_bucket_and_outputs_cropped_back() -> None:
 
 def test_pixels_held_counts_image_outputs_at_their_scale() -> None:
     hwc = Tensor("image", "TYPE_UINT8", (-1, -1, 3))
-    image = ModelSpec("upscale", "image", hwc, hwc, 8)
+    image = ModelSpec("upscale", "image", hwc, hwc, 8, declared=parse_params("scale=2|4"))
     assert image.pixels_held(100, 50, {"scale": "4"}) == 5000 * 17
     assert image.pixels_held(100, 50, {}) == 5000 * 5  # upscale's default scale is 2
     enhance = ModelSpec("enhance", "image", image.input, image.output, 8)
@@ -131,3 +131,41 @@ def test_pixels_held_counts_image_outputs_at_their_scale() -> None:
     chw, vector = Tensor("x", "TYPE_FP32", (3, 224, 224)), Tensor("e", "TYPE_FP32", (512,))
     embedding = ModelSpec("embedding", "embedding", chw, vector, 8)
     assert embedding.pixels_held(100, 50, {}) == 5000
+
+
+def param_error(spec: ModelSpec, params: dict[str, str]) -> str:
+    with pytest.raises(PermanentJobError) as caught:
+        spec.request_parameters(params)
+    return caught.value.code
+
+
+def test_params_are_declared_per_model_and_nothing_else_reaches_triton() -> None:
+    enhance = ModelSpec.from_triton_config(IMAGE)
+    upscale = ModelSpec.from_triton_config(dict(IMAGE, name="upscale"))
+    # A weight of a billion pixels, a value the model would choke on, names Triton reads itself, a forged trace.
+    for params in ({"scale": "1000"}, {"sequence_id": "7"}, {"triton_enable_empty_final_response": "1"}):
+        assert param_error(enhance, params) == "invalid_param"
+    assert param_error(enhance, {"traceparent": "00-" + "a" * 32 + "-" + "b" * 16 + "-01"}) == "invalid_param"
+    for scale in ("1000", "abc", "", "3"):
+        assert param_error(upscale, {"scale": scale}) == "invalid_param"
+    assert upscale.request_parameters({"scale": "4"}) == {"scale": "4"}
+    assert upscale.request_parameters({}) == {"scale": "2"}  # the first choice is the default
+    # The worker's own param is accepted everywhere and never forwarded.
+    assert enhance.request_parameters({"preprocess": "server"}) == {}
+    assert param_error(enhance, {"preprocess": "gpu"}) == "invalid_param"
+    prepared = enhance.preprocess(sample_image(16, 16), LIMITS, {"preprocess": "worker"})
+    assert prepared.parameters == {}
+    with pytest.raises(PermanentJobError, match="invalid_param"):
+        enhance.pixels_held(100, 100, {"scale": "1000"})
+
+
+def test_a_config_declares_its_params_as_choices_or_integer_ranges() -> None:
+    declared = {"tritonq_params": {"string_value": "strength=0..100; style=soft|hard"}}
+    spec = ModelSpec.from_triton_config(dict(IMAGE, parameters=declared))
+    assert spec.request_parameters({"strength": "100", "style": "hard"}) == {"strength": "100", "style": "hard"}
+    assert spec.request_parameters({}) == {"style": "soft"}  # a range has no default: absent stays absent
+    for value in ("101", "-1", "1e3", "0x10", " 5", "5\n", "9" * 30):
+        assert param_error(spec, {"strength": value}) == "invalid_param"
+    for text in ("strength", "strength=", "strength=5..1", "strength=a..b"):
+        with pytest.raises(ValueError, match="tritonq_params"):
+            ModelSpec.from_triton_config(dict(IMAGE, parameters={"tritonq_params": {"string_value": text}}))

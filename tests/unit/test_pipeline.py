@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import io
 import json
 import time
 import weakref
@@ -18,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from worker.client import build_job, encode_job
 from worker.config import Settings
@@ -51,6 +53,7 @@ class Control:
 class Storage:
     objects: dict[str, bytes] = field(default_factory=dict)
     writes: int = 0
+    metadata: dict[str, dict[str, str]] = field(default_factory=dict)
 
     async def read_input(self, ref: GcsRef, max_bytes: int) -> bytes:
         if ref.uri not in self.objects:
@@ -62,7 +65,11 @@ class Storage:
         if ref.uri in self.objects:
             return False
         self.objects[ref.uri] = data
+        self.metadata[ref.uri] = dict(metadata or {})
         return True
+
+    async def read_metadata(self, ref: GcsRef) -> dict[str, str] | None:
+        return self.metadata.get(ref.uri) if ref.uri in self.objects else None
 
     async def read_json(self, ref: GcsRef) -> dict[str, Any] | None:
         data = self.objects.get(ref.uri)
@@ -440,3 +447,142 @@ async def test_small_images_are_decoded_and_encoded_inline(inline_max_pixels: in
     d, _ = delivery(job_bytes())
     assert await pipeline.handle(d) == SUCCEEDED
     assert pool.submitted == handed_to_threads
+
+
+def other_job(job_id: str = "j1", **options: Any) -> bytes:
+    return encode_job(build_job("enhance", job_id=job_id, **{"input_uri": "gs://inputs/b.jpg", **options}))
+
+
+def delivered(data: bytes, message_id: str, attempt: int | None = 1) -> tuple[Delivery, Message]:
+    d, message = delivery(data, attempt)
+    d.message_id = message_id
+    return d, message
+
+
+@pytest.mark.parametrize("attempt", [1, 2])
+async def test_a_second_job_under_a_taken_id_fails_without_touching_the_first(attempt: int) -> None:
+    # Sent after the victim finished, a job reusing its id must not be acked as a "duplicate" of it.
+    storage = Storage({"gs://inputs/a.jpg": sample_image(20, 10), "gs://inputs/b.jpg": sample_image(30, 10, seed=1)})
+    pipeline = make(Stream(), storage)
+    assert await pipeline.handle(delivered(job_bytes(), "victim")[0]) == SUCCEEDED
+    before = dict(storage.objects)
+    d, message = delivered(other_job(), "attacker", attempt)
+    assert await pipeline.handle(d) == FAILED_PERMANENT
+    assert message.acks == 1
+    assert {uri: data for uri, data in storage.objects.items() if uri in before} == before
+    record = json.loads(storage.objects["gs://outputs/results/_invalid/attacker.json"])
+    assert record["error_code"] == "job_id_conflict"
+    # The victim's redelivery is still the same job.
+    assert await pipeline.handle(delivered(job_bytes(), "victim", 2)[0]) == DUPLICATE
+
+
+async def test_the_first_job_under_an_id_keeps_it_against_a_later_one() -> None:
+    # The attacker's job, sent first, finished: the victim's own job fails; it is never acked as done.
+    storage = Storage({"gs://inputs/a.jpg": sample_image(20, 10), "gs://inputs/b.jpg": sample_image(30, 10, seed=1)})
+    pipeline = make(Stream(), storage)
+    assert await pipeline.handle(delivered(other_job(), "first")[0]) == SUCCEEDED
+    assert await pipeline.handle(delivered(job_bytes(), "second")[0]) == FAILED_PERMANENT
+    record = json.loads(storage.objects["gs://outputs/results/_invalid/second.json"])
+    assert record["error_code"] == "job_id_conflict"
+    # A result already there under the same name, with another job's fingerprint, is a conflict too.
+    storage = Storage({"gs://inputs/a.jpg": sample_image(20, 10), "gs://inputs/b.jpg": sample_image(30, 10, seed=1)})
+    storage.objects["gs://outputs/results/j1.jpg"] = b"someone else's pixels"
+    storage.metadata["gs://outputs/results/j1.jpg"] = {"fingerprint": "f" * 32}
+    assert await make(Stream(), storage).handle(delivered(job_bytes(), "third")[0]) == FAILED_PERMANENT
+    assert "gs://outputs/results/j1.json" not in storage.objects
+
+
+async def test_a_job_in_flight_keeps_its_id_against_another() -> None:
+    gate = asyncio.Event()
+    stream = Stream(gate=gate)
+    storage = Storage({"gs://inputs/a.jpg": sample_image(20, 10), "gs://inputs/b.jpg": sample_image(30, 10, seed=1)})
+    pipeline = make(stream, storage)
+    first = asyncio.create_task(pipeline.handle(delivered(job_bytes(), "first")[0]))
+    await asyncio.wait_for(stream.called.wait(), 10)
+    assert await pipeline.handle(delivered(other_job(), "second")[0]) == FAILED_PERMANENT
+    gate.set()
+    assert await first == SUCCEEDED
+    assert json.loads(storage.objects["gs://outputs/results/j1.json"])["status"] == "SUCCEEDED"
+
+
+async def test_an_invalid_message_records_only_under_invalid_whatever_id_it_names() -> None:
+    # It used to write its FAILED record where the victim's record goes, and the victim's own was refused.
+    storage = Storage({"gs://inputs/a.jpg": sample_image(20, 10)})
+    pipeline = make(Stream(), storage)
+    for bad in (other_job(output_format="gif"), other_job(input_uri="gs://elsewhere/x.jpg")):
+        assert await pipeline.handle(delivered(bad, "bad")[0]) == FAILED_PERMANENT
+        assert "gs://outputs/results/j1.json" not in storage.objects
+        storage.objects.pop("gs://outputs/results/_invalid/bad.json")
+    assert await pipeline.handle(delivered(job_bytes(), "victim")[0]) == SUCCEEDED
+    assert json.loads(storage.objects["gs://outputs/results/j1.json"])["status"] == "SUCCEEDED"
+
+
+@pytest.mark.parametrize("params", [{"scale": "abc"}, {"scale": "1000"}, {"sequence_id": "1"}])
+async def test_undeclared_or_bad_params_fail_the_job_once(params: dict[str, str]) -> None:
+    # "abc" used to crash the pixel weighing (a bug: nacked until dead-lettered); "1000" weighed 10^9 pixels.
+    storage = Storage({"gs://inputs/a.jpg": sample_image(20, 10)})
+    stream = Stream()
+    d, message = delivered(other_job(input_uri="gs://inputs/a.jpg", params=params), "m")
+    assert await make(stream, storage).handle(d) == FAILED_PERMANENT
+    assert (message.acks, stream.calls) == (1, 0)
+    assert json.loads(storage.objects["gs://outputs/results/j1.json"])["error_code"] == "invalid_param"
+
+
+async def test_metric_labels_take_only_values_the_catalog_knows() -> None:
+    from prometheus_client import REGISTRY
+
+    storage = Storage({"gs://inputs/a.jpg": sample_image(20, 10)})
+    pipeline = make(Stream(), storage)
+    for i in range(3):
+        job = other_job(f"v{i}", input_uri="gs://inputs/a.jpg", version=str(900_000 + i))
+        assert await pipeline.handle(delivered(job, f"m{i}")[0]) == FAILED_PERMANENT
+    labels = {
+        sample.labels["version"]
+        for metric in REGISTRY.collect()
+        if metric.name == "tritonq_jobs"
+        for sample in metric.samples
+    }
+    assert not any(label.startswith("9000") for label in labels)
+    assert "unknown" in labels
+
+
+async def test_a_message_over_the_inline_limit_is_refused_before_parsing() -> None:
+    storage = Storage()
+    pipeline = make(Stream(), storage, max_inline_bytes=1024)
+    d, _ = delivered(b"{" + b" " * 100_000 + b"}", "big")
+    assert await pipeline.handle(d) == FAILED_PERMANENT
+    record = json.loads(storage.objects["gs://outputs/results/_invalid/big.json"])
+    assert record["error_code"] == "too_large"
+
+
+@pytest.mark.parametrize(("inline_max_bytes", "handed_to_threads"), [(1 << 20, 0), (100, 1)])
+async def test_images_of_many_encoded_bytes_are_decoded_in_threads(
+    inline_max_bytes: int, handed_to_threads: int
+) -> None:
+    # Few pixels do not make a decode cheap (a progressive JPEG re-walks them per scan): bytes count too.
+    storage = Storage({"gs://inputs/a.jpg": sample_image(32, 32)})
+    pool = CountingExecutor(2)
+    pipeline = make(Stream(), storage, pool, inline_max_pixels=4096, inline_max_bytes=inline_max_bytes)
+    assert await pipeline.handle(delivery(job_bytes())[0]) == SUCCEEDED
+    assert pool.submitted == handed_to_threads  # the decode; the encode (no input bytes) stays inline
+
+
+async def test_a_job_weighs_its_formats_worst_case_bytes_per_pixel_in_the_budget() -> None:
+    # A lossless WebP takes 18 bytes a pixel while it decodes, four times a JPEG's: it holds four times the pixels.
+    out = io.BytesIO()
+    Image.new("RGB", (32, 32), "red").save(out, "WEBP", lossless=True)
+    gate = asyncio.Event()
+    stream = Stream(gate=gate)
+    storage = Storage({"gs://inputs/a.jpg": sample_image(32, 32), "gs://inputs/b.webp": out.getvalue()})
+    pipeline = make(stream, storage, shape_buckets_px="")
+    held = []
+    for uri in ("gs://inputs/a.jpg", "gs://inputs/b.webp"):
+        stream.called.clear()
+        task = asyncio.create_task(pipeline.handle(delivered(other_job(uri.rsplit("/", 1)[-1], input_uri=uri), uri)[0]))
+        await asyncio.wait_for(stream.called.wait(), 10)
+        held.append(pipeline._pixels.used)
+        gate.set()
+        assert await task == SUCCEEDED
+        gate.clear()
+    jpeg_weight = 32 * 32 * 2  # the decoded input and the model's output
+    assert held == [jpeg_weight, jpeg_weight + round(32 * 32 * (18.0 / 4.5 - 1))]

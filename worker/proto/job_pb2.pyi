@@ -41,7 +41,7 @@ class ImageJob(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., input_uri: _Optional[str] = ..., input_bytes: _Optional[bytes] = ..., output_prefix: _Optional[str] = ..., params: _Optional[_Mapping[str, str]] = ..., output_format: _Optional[str] = ..., deadline: _Optional[str] = ..., timeout_s: _Optional[float] = ..., priority: _Optional[str] = ...) -> None: ...
 
 class JobResult(_message.Message):
-    __slots__ = ("job_id", "status", "model", "model_version", "output_uri", "error_code", "error_message", "timings_ms", "finished_at", "message_id", "delivery_attempt", "output_shape", "latency_ms", "traceparent")
+    __slots__ = ("job_id", "status", "model", "model_version", "output_uri", "error_code", "error_message", "timings_ms", "finished_at", "message_id", "delivery_attempt", "output_shape", "latency_ms", "traceparent", "fingerprint")
     class Status(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATUS_UNSPECIFIED: _ClassVar[JobResult.Status]
@@ -71,6 +71,7 @@ class JobResult(_message.Message):
     OUTPUT_SHAPE_FIELD_NUMBER: _ClassVar[int]
     LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
     TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     status: JobResult.Status
     model: str
@@ -85,4 +86,5 @@ class JobResult(_message.Message):
     output_shape: _containers.RepeatedScalarFieldContainer[int]
     latency_ms: float
     traceparent: str
-    def __init__(self, job_id: _Optional[str] = ..., status: _Optional[_Union[JobResult.Status, str]] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., output_uri: _Optional[str] = ..., error_code: _Optional[str] = ..., error_message: _Optional[str] = ..., timings_ms: _Optional[_Mapping[str, float]] = ..., finished_at: _Optional[str] = ..., message_id: _Optional[str] = ..., delivery_attempt: _Optional[int] = ..., output_shape: _Optional[_Iterable[int]] = ..., latency_ms: _Optional[float] = ..., traceparent: _Optional[str] = ...) -> None: ...
+    fingerprint: str
+    def __init__(self, job_id: _Optional[str] = ..., status: _Optional[_Union[JobResult.Status, str]] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., output_uri: _Optional[str] = ..., error_code: _Optional[str] = ..., error_message: _Optional[str] = ..., timings_ms: _Optional[_Mapping[str, float]] = ..., finished_at: _Optional[str] = ..., message_id: _Optional[str] = ..., delivery_attempt: _Optional[int] = ..., output_shape: _Optional[_Iterable[int]] = ..., latency_ms: _Optional[float] = ..., traceparent: _Optional[str] = ..., fingerprint: _Optional[str] = ...) -> None: ...

@@ -1,0 +1,114 @@
+"""Crafted hostile inputs for the bad-input scenario, and the liveness probe that watches the worker meet them.
+
+Each file is small and built from its headers: what it would cost to decode
+(a gigabyte tile, a thousand scans, a 17-megapixel lossless WebP) is what the
+worker must refuse before paying it. ``HealthProbe`` asks ``/healthz`` from a
+thread of its own, so what it measures is the worker's event loop, not the
+harness's.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import threading
+import time
+import urllib.error
+import urllib.request
+import zlib
+from functools import cache
+
+from PIL import Image
+
+from worker.demo import sample_image
+
+#: Seconds between two ``/healthz`` requests; each waits at most ``PROBE_TIMEOUT_S``.
+PROBE_INTERVAL_S = 0.1
+PROBE_TIMEOUT_S = 5.0
+
+
+@cache
+def tiff_tile_bomb(side: int = 100, tile: int = 32768) -> bytes:
+    """A deflate TIFF of a ``side``-pixel square image in one ``tile``-pixel square tile (libtiff allocates a tile)."""
+    pixels = zlib.compress(bytes(1 << 20), 9)
+    entries = [
+        (256, 4, side),
+        (257, 4, side),
+        (258, 3, 8),
+        (259, 3, 8),  # deflate
+        (262, 3, 1),
+        (277, 3, 1),
+        (322, 4, tile),
+        (323, 4, tile),
+        (324, 4, 8 + 2 + 12 * 10 + 4),  # the tile's data follows the directory
+        (325, 4, len(pixels)),
+    ]
+    directory = struct.pack("<H", len(entries))
+    for tag, kind, value in entries:
+        packed = struct.pack("<I", value) if kind == 4 else struct.pack("<HH", value, 0)
+        directory += struct.pack("<HHI", tag, kind, 1) + packed
+    return b"II*\x00" + struct.pack("<I", 8) + directory + struct.pack("<I", 0) + pixels
+
+
+@cache
+def scan_bomb(extra_scans: int = 500) -> bytes:
+    """A 256x256 progressive JPEG whose last scan is repeated ``extra_scans`` times."""
+    out = io.BytesIO()
+    Image.open(io.BytesIO(sample_image(256, 256))).save(out, "JPEG", progressive=True)
+    data = out.getvalue()
+    last, end = data.rindex(b"\xff\xda"), len(data) - 2
+    return data[:end] + data[last:end] * extra_scans + data[end:]
+
+
+@cache
+def webp_bomb(side: int = 4200) -> bytes:
+    """A lossless WebP of one colour: a few KB that decode to ``side`` squared pixels at 18 bytes each."""
+    out = io.BytesIO()
+    Image.new("RGB", (side, side), (40, 90, 160)).save(out, "WEBP", lossless=True)
+    return out.getvalue()
+
+
+class HealthProbe:
+    """Asks ``url`` every ``PROBE_INTERVAL_S`` from its own thread; keeps every answer's latency (a failure counts
+    as ``PROBE_TIMEOUT_S``)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.latencies_s: list[float] = []
+        self.failures = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="healthz-probe", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            started = time.monotonic()
+            try:
+                with urllib.request.urlopen(self.url, timeout=PROBE_TIMEOUT_S) as response:
+                    response.read()
+                    ok = response.status == 200
+            except (OSError, urllib.error.URLError):
+                ok = False
+            elapsed = time.monotonic() - started
+            if not ok:
+                self.failures += 1
+                elapsed = max(elapsed, PROBE_TIMEOUT_S)
+            self.latencies_s.append(elapsed)
+            self._stop.wait(PROBE_INTERVAL_S)
+
+    def summary(self) -> dict[str, float | int]:
+        ordered = sorted(self.latencies_s) or [0.0]
+        return {
+            "healthz_probes": len(self.latencies_s),
+            "healthz_failures": self.failures,
+            "healthz_max_s": round(ordered[-1], 3),
+            "healthz_p99_s": round(ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))], 3),
+            "healthz_over_1s": sum(1 for s in self.latencies_s if s > 1.0),
+        }
