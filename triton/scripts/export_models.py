@@ -191,6 +191,10 @@ def onnx_path(repo: Path, name: str, version: int = 1) -> Path:
     return repo / name / str(version) / "model.onnx"
 
 
+#: Model files are data every uid may read, like the rest of the repository.
+MODEL_FILE_MODE = 0o644
+
+
 def _write_atomically(path: Path, data: bytes) -> None:
     # A Triton starting concurrently must never see a half-written file.
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -198,6 +202,9 @@ def _write_atomically(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            # mkstemp makes it 0600: Triton runs as another uid than whoever exports (the image's
+            # build runs as root), and must read it.
+            os.fchmod(f.fileno(), MODEL_FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -223,6 +230,9 @@ def ensure_models(repo: Path = DEFAULT_REPOSITORY) -> None:
         path = onnx_path(repo, name, version)
         data = model_bytes(name, version)
         if path.is_file() and path.read_bytes() == data:
+            # Identical, but perhaps written private by an earlier version of this script.
+            if path.stat().st_mode & 0o777 != MODEL_FILE_MODE:
+                path.chmod(MODEL_FILE_MODE)
             continue
         _write_atomically(path, data)
 
