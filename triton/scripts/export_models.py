@@ -191,7 +191,7 @@ def onnx_path(repo: Path, name: str, version: int = 1) -> Path:
     return repo / name / str(version) / "model.onnx"
 
 
-#: Model files are data every uid may read, like the rest of the repository.
+#: Mode of the written ONNX files: mkstemp creates 0600, but Triton reads them under its own uid.
 MODEL_FILE_MODE = 0o644
 
 
@@ -200,11 +200,9 @@ def _write_atomically(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".model.", suffix=".tmp")
     try:
+        os.fchmod(fd, MODEL_FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-            # mkstemp makes it 0600: Triton runs as another uid than whoever exports (the image's
-            # build runs as root), and must read it.
-            os.fchmod(f.fileno(), MODEL_FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
