@@ -10,14 +10,22 @@ Regions are created per power-of-two size class, registered with Triton once
 and reused; the pool holds at most ``max_bytes``, and a request that would
 exceed it simply travels in the message. Triton forgets registrations when it
 restarts: a region it does not know is re-registered on next use.
+
+Triton maps our regions from another uid (in the pod, another container), so a
+region is readable and writable by its group: the two share a gid (the pod's
+``runAsGroup``), never a uid, which keeps Triton's own Python-backend regions
+(mode 0600) out of the worker's reach. Region names are random (``secrets``)
+and created exclusively (``O_EXCL``): a file planted under ``/dev/shm`` under a
+name we might use is never taken. A region that cannot be created or written
+is not an error: that tensor travels in the message instead.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import os
+import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +39,10 @@ log = structlog.get_logger(__name__)
 
 #: The smallest region, in bytes: below this, copying into the message costs less than a region.
 MIN_REGION_BYTES = 64 * 1024
+#: Owner and group read-write: Triton runs as another uid in the worker's group.
+REGION_MODE = 0o660
+#: Random bytes in a region name: 128 bits, so no other process can predict one.
+NAME_TOKEN_BYTES = 16
 
 
 def _size_class(nbytes: int) -> int:
@@ -48,6 +60,9 @@ class Region:
     registered: bool = False
 
     def write(self, array: NDArray[Any]) -> None:
+        """Copy ``array`` in; raises ``shm.SharedMemoryException`` if it does not fit or cannot be written."""
+        if array.nbytes > self.size:
+            raise shm.SharedMemoryException(f"{array.nbytes} bytes do not fit region {self.name} ({self.size})")
         shm.set_shared_memory_region(self.handle, [np.ascontiguousarray(array)])
 
     def array(self, dtype: Any, shape: tuple[int, ...]) -> NDArray[Any]:
@@ -65,8 +80,6 @@ class ShmPool:
         self._free: dict[int, list[Region]] = {}
         self._all: list[Region] = []
         self._bytes = 0
-        self._ids = itertools.count()
-        self._prefix = f"tritonq-{os.getpid()}"
         self._lock = asyncio.Lock()
 
     @property
@@ -89,7 +102,11 @@ class ShmPool:
             async with self._lock:
                 if self._bytes + size > self._max_bytes:
                     return None
-                region = self._create(size)
+                try:
+                    region = self._create(size)
+                except (shm.SharedMemoryException, OSError) as exc:
+                    log.warning("shm_create_failed", size=size, error=str(exc.__cause__ or exc))
+                    return None
         if not region.registered:
             try:
                 await self._control.register_system_shared_memory(region.name, region.key, region.size)
@@ -103,27 +120,44 @@ class ShmPool:
     def release(self, region: Region) -> None:
         self._free.setdefault(region.size, []).append(region)
 
+    async def discard(self, region: Region) -> None:
+        """Drop a region that failed (a write that did not land): it is never handed out again."""
+        if region in self._all:
+            self._all.remove(region)
+            self._bytes -= region.size
+        await self._destroy(region)
+
     def forget_registrations(self) -> None:
         """Triton restarted (or said it does not know a region): register each again before use."""
         for region in self._all:
             region.registered = False
 
     def _create(self, size: int) -> Region:
-        name = f"{self._prefix}-{next(self._ids)}"
+        name = f"tritonq-{secrets.token_hex(NAME_TOKEN_BYTES)}"
         key = f"/{name}"
-        handle = shm.create_shared_memory_region(name, key, size)
+        # create_only: O_CREAT | O_EXCL, so an existing file of that name is an error, never reused.
+        handle = shm.create_shared_memory_region(name, key, size, create_only=True)
+        try:
+            # multiprocessing creates it 0600 whatever the umask: open it to the group, on the fd we created.
+            os.fchmod(handle._mpsm_handle._fd, REGION_MODE)
+        except OSError:
+            shm.destroy_shared_memory_region(handle)
+            raise
         region = Region(name, key, size, handle)
         self._all.append(region)
         self._bytes += size
         return region
 
+    async def _destroy(self, region: Region) -> None:
+        if region.registered:
+            with contextlib.suppress(InferenceServerException):
+                await self._control.unregister_system_shared_memory(region.name)
+        with contextlib.suppress(shm.SharedMemoryException, OSError):
+            shm.destroy_shared_memory_region(region.handle)
+
     async def close(self) -> None:
         for region in self._all:
-            if region.registered:
-                with contextlib.suppress(InferenceServerException):
-                    await self._control.unregister_system_shared_memory(region.name)
-            with contextlib.suppress(shm.SharedMemoryException):
-                shm.destroy_shared_memory_region(region.handle)
+            await self._destroy(region)
         self._all.clear()
         self._free.clear()
         self._bytes = 0

@@ -284,6 +284,10 @@ class Triton(Component):
             str(binary),
             f"--model-repository={self.model_repository}",
             f"--backend-directory={self._backends()}",
+            # Loopback only, like the pod's: nothing but this machine's clients reaches it.
+            "--http-address=127.0.0.1",
+            "--grpc-address=127.0.0.1",
+            "--metrics-address=127.0.0.1",
             f"--http-port={self.http_port}",
             f"--grpc-port={self.grpc_port}",
             f"--metrics-port={self.metrics_port}",

@@ -55,6 +55,16 @@ PUBSUB_REQUEST_ERRORS = Counter(
 TRITON_RECONNECTS = Counter(
     "tritonq_triton_stream_reconnects", "Times a Triton stream broke and was reopened (TRITONQ_TRITON_MODE=stream)."
 )
+MODEL_READY = Gauge(
+    "tritonq_model_ready",
+    "1 when Triton serves the model (some version READY), 0 when it is loading or failed to load.",
+    ["model"],
+)
+TRITON_REQUESTS = Counter(
+    "tritonq_triton_requests",
+    "Inference requests answered, by how their tensors travelled: shared_memory (a region) or message (gRPC payload).",
+    ["transport"],
+)
 TRITON_IN_FLIGHT = Gauge("tritonq_triton_requests_in_flight", "Inference requests sent and not yet answered.")
 BYTES_READ = Counter("tritonq_bytes_read", "Input bytes read from GCS or inline payloads.")
 BYTES_WRITTEN = Counter("tritonq_bytes_written", "Result and record bytes written to GCS.")

@@ -47,6 +47,7 @@ from numpy.typing import NDArray
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.grpc.aio import InferenceServerClient
 from tritonclient.utils import InferenceServerException, deserialize_bytes_tensor
+from tritonclient.utils.shared_memory import SharedMemoryException
 
 from worker import telemetry
 from worker.errors import PermanentJobError, TransientError
@@ -122,6 +123,12 @@ def _point_at(parameters: Any, region: Region, nbytes: int) -> None:
     parameters["shared_memory_region"].string_param = region.name
     parameters["shared_memory_byte_size"].int64_param = nbytes
     parameters["shared_memory_offset"].int64_param = 0
+
+
+def _count_transport(model: str, regions: list[Region] | None) -> None:
+    """Which way an answered request's tensors travelled: any region means shared memory."""
+    transport = "shared_memory" if regions else "message"
+    telemetry.TRITON_REQUESTS.labels(transport=transport).inc()
 
 
 def _classify(message: str) -> Exception:
@@ -365,6 +372,7 @@ class TritonStream:
             try:
                 request = await self._request(model, version, inputs, shm_output=shm_output, regions=regions, **options)
                 result = await self._send(request, model, priority, limit_s)
+                _count_transport(model, regions)
             except ShmRefused as exc:
                 log.warning("shm_refused", model=model, error=str(exc))
                 self.shm_pool.forget_registrations()
@@ -377,7 +385,9 @@ class TritonStream:
             else:
                 return self._attach_regions(result, request, regions)
         request = await self._request(model, version, inputs, shm_output=None, regions=None, **options)
-        return await self._send(request, model, priority, limit_s)
+        result = await self._send(request, model, priority, limit_s)
+        _count_transport(model, None)
+        return result
 
     async def _request(
         self,
@@ -401,11 +411,17 @@ class TritonStream:
             region = None
             if regions is not None and self.shm_pool is not None and dtype != "BYTES":
                 region = await self.shm_pool.acquire(array.nbytes)
+            if region is not None and self.shm_pool is not None:
+                try:
+                    region.write(array)
+                except SharedMemoryException as exc:
+                    log.warning("shm_write_failed", model=model, region=region.name, error=str(exc))
+                    await self.shm_pool.discard(region)
+                    region = None
             if region is None or regions is None:
                 request.raw_input_contents.append(_to_raw(dtype, array))
             else:
                 regions.append(region)
-                region.write(array)
                 _point_at(tensor.parameters, region, array.nbytes)
         if regions is not None and shm_output is not None and self.shm_pool is not None:
             region = await self.shm_pool.acquire(shm_output[1])
@@ -513,6 +529,10 @@ class TritonControl:
         await self._client.load_model(model, config=json.dumps(config) if config else None)
 
 
+#: Characters of Triton's reason for an unavailable model kept for errors and logs: enough to
+#: name the failure, short enough for a job record.
+MAX_REASON_CHARS = 300
+
 #: Seconds between catalog refreshes forced by a miss: a burst of jobs for an
 #: unknown model must not turn into a burst of control-plane calls.
 CATALOG_MIN_REFRESH_S = 2.0
@@ -532,6 +552,7 @@ class Catalog:
         self._specs: dict[str, ModelSpec] = {}
         self._ready: dict[str, frozenset[str]] = {}
         self._known: dict[str, str] = {}  # every model in the repository index, by state
+        self._reasons: dict[str, str] = {}  # why a model that is not READY is not (Triton's words)
         self._unservable: set[str] = set()
         self._refreshed_at = -CATALOG_MIN_REFRESH_S
         self._lock = asyncio.Lock()
@@ -560,11 +581,14 @@ class Catalog:
                 raise TransientError(f"triton: cannot list models: {exc.message()}") from exc
             ready: dict[str, set[str]] = {}
             known: dict[str, str] = {}
+            reasons: dict[str, str] = {}
             for entry in index:
                 name, state = entry["name"], entry.get("state", "")
                 known[name] = "READY" if state == "READY" or known.get(name) == "READY" else state
                 if state == "READY":
                     ready.setdefault(name, set()).add(entry.get("version", ""))
+                elif entry.get("reason"):
+                    reasons[name] = str(entry["reason"])[:MAX_REASON_CHARS]
             for name in ready:
                 if name not in self._specs and name not in self._unservable:
                     try:
@@ -574,8 +598,20 @@ class Catalog:
                         self._unservable.add(name)
                         log.info("model_not_servable", model=name, reason=str(exc))
             self._ready = {name: frozenset(v) for name, v in ready.items() if name in self._specs}
-            self._known = known
+            self._report(known, reasons)
+            self._known, self._reasons = known, reasons
             self._refreshed_at = loop.time()
+
+    def _report(self, known: dict[str, str], reasons: dict[str, str]) -> None:
+        """Publish each model's availability, and log a model that failed to load once, with why.
+
+        Triton keeps serving the other models (``--exit-on-error=false``, non-strict readiness):
+        this gauge and log line are where a broken model shows, not a restarting pod.
+        """
+        for name, state in known.items():
+            telemetry.MODEL_READY.labels(model=name).set(1 if state == "READY" else 0)
+            if state == "UNAVAILABLE" and self._known.get(name) != "UNAVAILABLE":
+                log.error("model_unavailable", model=name, reason=reasons.get(name, ""))
 
     async def _maybe_refresh(self) -> None:
         if asyncio.get_running_loop().time() - self._refreshed_at >= CATALOG_MIN_REFRESH_S:
@@ -589,7 +625,8 @@ class Catalog:
         if model in self._unservable:
             raise PermanentJobError("unknown_model", f"model {model!r} takes no jobs (it has no tritonq_kind)")
         if model in self._known:
-            raise TransientError(f"model {model} is {self._known[model] or 'not ready'} in triton")
+            reason = f": {self._reasons[model]}" if model in self._reasons else ""
+            raise TransientError(f"model {model} is {self._known[model] or 'not ready'} in triton{reason}")
         if model in self._specs:
             raise TransientError(f"model {model} is not ready in triton")
         raise PermanentJobError("unknown_model", f"triton serves no model {model!r}")

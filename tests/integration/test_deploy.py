@@ -4,8 +4,10 @@
   Kubernetes 1.30 schemas in strict mode (unknown fields fail), and the custom resources
   (PodMonitoring, ScaledObject, TriggerAuthentication), which those schemas do not cover,
   against their CRDs' own schemas vendored in ``k8s/crd-schemas/``, made equally strict.
-- The pod's shape: both containers, GPU, node pool, probes, shared ``/dev/shm``, non-root,
-  shutdown timing, Workload Identity, and the autoscalers' references.
+- The pod's shape: both containers, GPU, node pool, probes, shared ``/dev/shm``, non-root
+  high uids in one group, no API token, Triton on loopback only with a NetworkPolicy for the
+  metrics ports, shutdown timing, Workload Identity, the autoscalers' references and room for
+  a rollout at their maximum, and release images pinned by digest.
 - ``docker compose config`` accepts the compose files, and the services the worker needs are
   there, healthy-checked, wired in order, and where the worker's environment says they are.
 - ``hadolint`` passes both Dockerfiles at the warning threshold; what they COPY exists and is
@@ -107,6 +109,13 @@ def container(docs: tuple[Doc, ...], name: str) -> Doc:
     by_name = {c["name"]: c for c in pod_spec(docs)["containers"]}
     assert name in by_name, f"no container {name!r}; containers: {sorted(by_name)}"
     return by_name[name]
+
+
+def triton_args(docs: tuple[Doc, ...]) -> dict[str, str]:
+    """Triton's ``--flag=value`` arguments, by flag."""
+    args = container(docs, "triton")["args"]
+    assert args[0] == "tritonserver"
+    return dict(a.split("=", 1) for a in args[1:])
 
 
 def settings_of(docs: tuple[Doc, ...]) -> dict[str, str]:
@@ -215,8 +224,17 @@ def test_pod_runs_worker_and_triton_on_a_t4(overlay: str) -> None:
     for c in spec["containers"]:
         for bound in ("requests", "limits"):
             assert {"cpu", "memory"} <= set(c["resources"].get(bound, {})), f"{c['name']} lacks cpu/memory {bound}"
+    # Only metrics is a port of the pod; HTTP and gRPC listen on its loopback, for the worker.
     ports = {p["name"]: p["containerPort"] for p in triton["ports"]}
-    assert ports == TRITON_PORTS
+    assert ports == {"triton-metrics": TRITON_PORTS["triton-metrics"]}
+    args = triton_args(docs)
+    assert args["--http-address"] == args["--grpc-address"] == "127.0.0.1"
+    assert args["--metrics-address"] == "0.0.0.0"
+    assert int(args["--http-port"]) == TRITON_PORTS["triton-http"]
+    assert int(args["--grpc-port"]) == TRITON_PORTS["triton-grpc"]
+    assert int(args["--metrics-port"]) == TRITON_PORTS["triton-metrics"]
+    # A model that fails to load is reported by the worker's readiness, not a restart loop.
+    assert args["--strict-readiness"] == "false" and args["--exit-on-error"] == "false"
     worker_ports = {p["name"]: p["containerPort"] for p in container(docs, "worker")["ports"]}
     assert worker_ports == {"worker-metrics": int(settings_of(docs)["TRITONQ_HTTP_PORT"])}
     assert settings_of(docs)["TRITONQ_TRITON_URL"] == f"localhost:{TRITON_PORTS['triton-grpc']}"
@@ -225,22 +243,22 @@ def test_pod_runs_worker_and_triton_on_a_t4(overlay: str) -> None:
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_probes(overlay: str) -> None:
     docs = render(overlay)
-    expected = {
-        "worker": {"startupProbe": "/healthz", "livenessProbe": "/healthz", "readinessProbe": "/readyz"},
-        "triton": {
-            "startupProbe": "/v2/health/ready",
-            "livenessProbe": "/v2/health/live",
-            "readinessProbe": "/v2/health/ready",
-        },
-    }
-    for name, probes in expected.items():
-        c = container(docs, name)
-        port_names = {p["name"] for p in c["ports"]}
-        for probe, path in probes.items():
-            assert probe in c, f"{name} has no {probe}"
-            get = c[probe]["httpGet"]
-            assert get["path"] == path, f"{name} {probe} probes {get['path']}"
-            assert get["port"] in port_names, f"{name} {probe} port {get['port']} is not a port of {name}"
+    worker = container(docs, "worker")
+    port_names = {p["name"] for p in worker["ports"]}
+    for probe, path in {"startupProbe": "/healthz", "livenessProbe": "/healthz", "readinessProbe": "/readyz"}.items():
+        get = worker[probe]["httpGet"]
+        assert get["path"] == path, f"worker {probe} probes {get['path']}"
+        assert get["port"] in port_names, f"worker {probe} port {get['port']} is not a port of the worker"
+    # Triton's HTTP is on loopback, which the kubelet cannot dial: its probes run in the container
+    # (tests/integration/test_pod.py runs these very commands against a Triton with these arguments).
+    triton = container(docs, "triton")
+    http = f"http://127.0.0.1:{triton_args(docs)['--http-port']}"
+    ready, live = "/v2/health/ready", "/v2/health/live"
+    for probe, path in {"startupProbe": ready, "livenessProbe": live, "readinessProbe": ready}.items():
+        command = triton[probe]["exec"]["command"]
+        assert command[:2] == ["python3", "-c"] and f"'{http}{path}'" in command[2], (probe, command)
+        timeout = float(re.search(r"timeout=(\d+)", command[2]).group(1))  # type: ignore[union-attr]
+        assert timeout < triton[probe]["timeoutSeconds"], f"{probe}: the request must give up before the kubelet"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -262,18 +280,156 @@ def test_security_context(overlay: str) -> None:
     spec = pod_spec(docs)
     assert spec["securityContext"]["runAsNonRoot"] is True
     assert spec["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
-    for c in spec["containers"]:
+    # No container calls the Kubernetes API.
+    assert spec["automountServiceAccountToken"] is False
+    # One group for both (shared-memory regions are group read-write), fsGroup for the volumes.
+    assert spec["securityContext"]["runAsGroup"] == spec["securityContext"]["fsGroup"] >= 10000
+    for c in [*spec["containers"], *spec.get("initContainers", [])]:
         sc = c["securityContext"]
-        assert sc["runAsUser"] > 0, c["name"]
+        assert sc["runAsUser"] >= 10000, f"{c['name']}: a uid no host account has"
+        assert "runAsGroup" not in sc, f"{c['name']}: the pod's group, not its own"
         assert sc["allowPrivilegeEscalation"] is False, c["name"]
         assert sc["capabilities"]["drop"] == ["ALL"], c["name"]
         assert not sc.get("privileged"), c["name"]
         assert sc["readOnlyRootFilesystem"] is True, c["name"]
+    for c in spec["containers"]:
         mounts = {m["mountPath"] for m in c["volumeMounts"]}
         assert "/tmp" in mounts, f"{c['name']} has a read-only root and needs a writable /tmp"
-    # The image users: Dockerfile's uid 10001, the Triton base image's triton-server (1000).
+    # The image users: Dockerfile's uid 10001, triton/Dockerfile's 10002. Two uids: Triton's own
+    # Python-backend regions (0600) stay out of the worker's reach.
     assert container(docs, "worker")["securityContext"]["runAsUser"] == 10001
-    assert container(docs, "triton")["securityContext"]["runAsUser"] == 1000
+    assert container(docs, "triton")["securityContext"]["runAsUser"] == 10002
+    assert "USER 10002:" in (REPO / "triton" / "Dockerfile").read_text()
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_only_the_metrics_scrapers_reach_the_pod(overlay: str) -> None:
+    docs = render(overlay)
+    labels = one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    policy = one(docs, "NetworkPolicy")["spec"]
+    assert policy["podSelector"]["matchLabels"].items() <= labels.items()
+    assert policy["policyTypes"] == ["Ingress"]
+    metric_ports = {"worker-metrics", "triton-metrics"}
+    (rule,) = policy["ingress"]
+    assert {p["port"] for p in rule["ports"]} == metric_ports
+    # Google Managed Prometheus's collectors, and nothing else.
+    (source,) = rule["from"]
+    assert source["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "gmp-system"}
+    assert "matchLabels" not in source["podSelector"], "kustomize rewrites it to our own label"
+    assert source["podSelector"]["matchExpressions"] == [
+        {"key": "app.kubernetes.io/name", "operator": "In", "values": ["collector"]}
+    ]
+
+
+def test_gke_triton_differs_from_the_base_only_by_its_repository() -> None:
+    # tests/integration/test_pod.py runs Triton with dev's arguments: they must be production's.
+    dev, gke = triton_args(render("dev")), triton_args(render("gke"))
+    assert gke.pop("--model-repository").startswith("gs://")
+    assert dev.pop("--model-repository") == "/models"
+    assert dev == gke
+
+
+def test_triton_waits_for_the_metadata_server() -> None:
+    docs = render("gke")
+    (init,) = pod_spec(docs)["initContainers"]
+    assert init["image"] == container(docs, "triton")["image"], "an image the node already pulls"
+    script = init["command"][-1]
+    assert "169.254.169.254/computeMetadata/v1/instance/service-accounts/default/token" in script
+    assert "Metadata-Flavor" in script and "sys.exit(0)" in script
+
+
+def _readme_max_nodes() -> int:
+    readme = (REPO / "README.md").read_text()
+    (pool,) = re.findall(r"gcloud container node-pools create t4 .*?(?=\n\n|\n#)", readme, re.S)
+    return int(re.search(r"--max-nodes=(\d+)", pool).group(1))  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("overlay", ["gke", "gke-keda"])
+def test_a_rollout_at_the_autoscalers_maximum_has_room(overlay: str) -> None:
+    docs = render(overlay)
+    rolling = one(docs, "Deployment")["spec"]["strategy"]["rollingUpdate"]
+    scalers = [d for d in docs if d["kind"] in ("HorizontalPodAutoscaler", "ScaledObject")]
+    (scaler,) = scalers
+    most = scaler["spec"].get("maxReplicas", scaler["spec"].get("maxReplicaCount"))
+    # One T4 node per pod: the pool holds the maximum plus the surge pod...
+    assert _readme_max_nodes() >= most + int(rolling["maxSurge"])
+    # ...and without a new node (stockout), an old pod may go first: never a stuck rollout.
+    assert int(rolling["maxUnavailable"]) >= 1
+
+
+@pytest.mark.parametrize("overlay", ["dev", "gke"])
+def test_released_images_are_pinned_by_digest(overlay: str) -> None:
+    docs = render(overlay)
+    spec = pod_spec(docs)
+    for c in [*spec["containers"], *spec["initContainers"]]:
+        name, _, digest = c["image"].partition("@")
+        assert name.startswith("us-docker.pkg.dev/PROJECT_ID/tritonq/"), c["image"]
+        # The README's step 8 replaces the placeholders with the pushed digests (step 4).
+        assert digest in ("WORKER_DIGEST", "TRITON_DIGEST"), c["image"]
+    readme = (REPO / "README.md").read_text()
+    for placeholder in ("PROJECT_ID", "WORKER_DIGEST", "TRITON_DIGEST"):
+        assert f"s/{placeholder}/" in readme, f"the README's deploy step must substitute {placeholder}"
+    assert f"k8s/overlays/{overlay}" in readme
+
+
+@pytest.mark.parametrize("overlay", ["dev", "gke"])
+def test_the_readmes_deploy_step_fills_in_every_placeholder(overlay: str, tmp_path: Path) -> None:
+    """Step 8's substitution, run as written on a copy of k8s/, leaves nothing to fill in the overlay."""
+    readme = (REPO / "README.md").read_text()
+    (command,) = re.findall(r"^grep -rlE .*\n(?:    .*\n)*", readme, re.MULTILINE)
+    shutil.copytree(REPO / "k8s", tmp_path / "k8s")
+    digest = "sha256:" + "0123456789abcdef" * 4
+    env = {
+        "PATH": os.environ["PATH"],
+        "OVERLAY": overlay,
+        "PROJECT_ID": "my-project",
+        "WORKER_DIGEST": digest,
+        "TRITON_DIGEST": digest.replace("0", "f"),
+    }
+    done = subprocess.run(
+        ["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    kubectl = _tool("kubectl", "install kubectl")
+    rendered = subprocess.run(
+        [kubectl, "kustomize", f"k8s/overlays/{overlay}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert rendered.returncode == 0, rendered.stderr
+    for placeholder in ("PROJECT_ID", "WORKER_DIGEST", "TRITON_DIGEST"):
+        assert placeholder not in rendered.stdout, f"step 8 leaves {placeholder} in k8s/overlays/{overlay}"
+    docs = [d for d in yaml.safe_load_all(rendered.stdout) if d]
+    spec = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+    images = {c["image"] for c in [*spec["containers"], *spec["initContainers"]]}
+    assert images == {
+        f"us-docker.pkg.dev/my-project/tritonq/worker@{env['WORKER_DIGEST']}",
+        f"us-docker.pkg.dev/my-project/tritonq/triton@{env['TRITON_DIGEST']}",
+    }
+    # Each environment's own names, as steps 1, 2 and 6 create them with P.
+    p = "tritonq" if overlay == "gke" else "tritonq-dev"
+    namespace = next(d for d in docs if d["kind"] == "Namespace")["metadata"]["name"]
+    account = next(d for d in docs if d["kind"] == "ServiceAccount")["metadata"]["annotations"]
+    settings = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
+    assert namespace == p
+    assert account["iam.gke.io/gcp-service-account"] == f"{p}@my-project.iam.gserviceaccount.com"
+    assert settings["TRITONQ_TOPIC"] == f"{p}-jobs"
+    assert settings["TRITONQ_SUBSCRIPTION"] == f"{p}-jobs-worker"
+    assert settings["TRITONQ_DEAD_LETTER_TOPIC"] == f"{p}-jobs-dead-letter"
+    assert settings["TRITONQ_INPUT_BUCKET"] == f"my-project-{p}-inputs"
+    assert settings["TRITONQ_OUTPUT_BUCKET"] == f"my-project-{p}-results"
+
+
+def test_nothing_is_applied_from_a_moving_branch() -> None:
+    readme = (REPO / "README.md").read_text()
+    urls = re.findall(r"kubectl apply [^\n]*?(https://\S+)", readme)
+    assert urls
+    for url in urls:
+        assert not re.search(r"/(master|main|HEAD|latest)/", url), url
+        assert re.search(r"/[\w.-]*v\d+\.\d+(\.\d+)?/", url), f"{url}: pin a release tag"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -544,7 +700,7 @@ def test_triton_lock_covers_what_the_models_import() -> None:
     provided = {"triton_python_backend_utils"}  # the Python backend's own module
     distributions = {"numpy": "numpy", "cv2": "opencv-python-headless", "PIL": "pillow", "onnxruntime": "onnxruntime"}
     pins = _locked("requirements-triton.lock")
-    assert pins["numpy"].startswith("1."), "numpy 1.x: the ABI of the 24.10 Python backend and the tests"
+    assert pins["numpy"].startswith("1."), "numpy 1.x: the version the tests run, in the image too"
     assert "onnx" in pins, "triton/scripts/export_models.py runs in the image build"
     models = sorted((REPO / "triton" / "model_repository").glob("*/*/model.py"))
     assert models

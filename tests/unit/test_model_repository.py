@@ -431,3 +431,15 @@ def test_decode_model_fails_only_the_bad_request() -> None:
     )
     assert ok.outputs["image"].shape == (1, 60, 80, 3)
     assert bad.error is not None and bad.error.code == _TritonError.INVALID_ARG
+
+
+def test_exported_models_are_readable_by_the_triton_uid(tmp_path: Path) -> None:
+    # Triton runs as another uid than the export (the image's build runs as root).
+    for name, _ in export_models.ONNX_MODELS:
+        (tmp_path / name).mkdir()
+    export_models.ensure_models(tmp_path)
+    path = export_models.onnx_path(tmp_path, "embedding")
+    assert path.stat().st_mode & 0o777 == 0o644
+    path.chmod(0o600)  # as an earlier export left it: identical bytes, private
+    export_models.ensure_models(tmp_path)
+    assert path.stat().st_mode & 0o777 == 0o644
