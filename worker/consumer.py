@@ -201,6 +201,7 @@ class Consumer:
         #: Whether Pub/Sub paces redeliveries (the subscription has a retry policy).
         self.server_paces = False
         self.exactly_once = False
+        self._inspected = False
         self._failing_since: float | None = None
         self._backoff_s = RESUBSCRIBE_BASE_S
         self._stopping = False
@@ -295,6 +296,7 @@ class Consumer:
             # Not fatal: the stream reports the same errors, and without the settings the worker paces nacks itself.
             log.warning("subscription_unreadable", subscription=self._subscription, error=str(exc))
             return
+        self._inspected = True
         self.server_paces = "retry_policy" in subscription
         self.exactly_once = bool(subscription.enable_exactly_once_delivery)
         log.info(
@@ -341,6 +343,9 @@ class Consumer:
             log.info("pubsub_subscription_recovered", failed_for_s=round(time.monotonic() - self._failing_since, 1))
         self._failing_since = None
         self._backoff_s = RESUBSCRIBE_BASE_S
+        if not self._inspected and self.inspection is not None and self.inspection.done() and not self._stopping:
+            # Read while the subscription failed: read again now that it answers.
+            self.inspection = asyncio.create_task(self._inspect(), name="pubsub-inspect")
 
     def _ended(self, future: futures.Future[Any]) -> None:
         """The library ended the subscription: subscribe again, or give up once it has failed too long."""
