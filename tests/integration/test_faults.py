@@ -86,7 +86,7 @@ async def test_storage_down_for_ten_seconds_mid_run(stack: Stack, tmp_path: Path
     assert_clean(report)
     assert report.succeeded == 200
     assert report.notes["worker_survived"]
-    # The outage was real: jobs failed against it and were nacked (held, then handed back).
+    # The outage was real: jobs failed against it and were nacked (back after a backoff).
     assert report.notes["nacks"] > 0
 
 
