@@ -1,54 +1,45 @@
 """Pub/Sub on the event loop: google-cloud-pubsub's subscriber, bridged to the pipeline's queue.
 
 The library owns the protocol: the streaming pull and its reconnections, flow
-control (``max_messages`` / ``max_bytes``: it pauses the stream when full),
-leases (extended until ``max_lease_duration``), batched acks and modacks with
-their retries, exactly-once delivery's confirmations. This module owns the
-bridge and the worker's policy:
+control (it pauses the stream when full), leases, batched acks and modacks with
+their retries, exactly-once confirmations. This module owns the bridge and the
+worker's policy:
 
-- **The bridge.** The library calls back with each message on one of its own
-  threads; ``LoopScheduler`` runs that callback inline there, and the callback
-  only hands the message to the event loop (``call_soon_threadsafe``), where it
-  becomes a ``Delivery`` on the bounded delivery queue. No thread is parked per
-  message. Acks, nacks and modacks are called from the loop: they only put a
-  request on the library's queue, which its dispatcher thread sends.
-- **Confirmations.** Every ack and nack goes through ``*_with_response``. On a
-  subscription without exactly-once delivery the library answers at once; with
-  it, the answer is the server's, a failure is an ``AcknowledgeError`` per ack
-  id (``INVALID_ACK_ID``: the lease was lost and the message comes back, which
-  the pipeline's records make harmless), and shutdown waits for the answers.
-- **Paced redelivery.** A job that failed transiently is nacked. When the
-  subscription has a retry policy (production), Pub/Sub paces the redelivery
-  and the nack goes out as is. Without one, the message's deadline is set to a
-  backoff that doubles with its delivery attempt (``nack_hold_s``) and it is
-  dropped from lease management: it comes back after the backoff, and its
-  flow-control slot is free meanwhile. Either way a storage outage of seconds
-  does not burn the dead-letter policy's attempts in one second.
-- **Fatal stream errors.** The library ends the subscription on errors
-  retrying cannot mend (PERMISSION_DENIED, NOT_FOUND, UNAUTHENTICATED). Some
-  mend by themselves (an IAM grant propagating), so the consumer subscribes
-  again with backoff for ``give_up_after_s``; past that it gives up and
-  ``on_give_up`` ends the worker, so Kubernetes restarts the pod.
-- **Ordered stop.** ``stop_pulling`` stops handing messages out: what arrives
-  is nacked at once (a message that comes straight back is kept, leased, and
-  nacked at close, so it cannot loop). The stream and the leases stay up while
-  the pipeline finishes; ``wait_closed`` waits for the confirmations, then
-  cancels the subscription and waits until the library has sent every queued
-  ack and nack.
+- **The bridge.** ``LoopScheduler`` runs the library's callback inline on the
+  library's thread, and the callback only hands the message to the event loop
+  (``call_soon_threadsafe``) as a ``Delivery`` on the bounded delivery queue:
+  no thread is parked per message. Acks, nacks and modacks are called from the
+  loop; they only queue a request for the library's dispatcher thread.
+- **Confirmations.** Acks and nacks go through ``*_with_response``: answered at
+  once without exactly-once delivery; with it, by the server, per ack id
+  (``AcknowledgeError``, e.g. ``INVALID_ACK_ID``: the lease was lost and the
+  message comes back, which the pipeline's records make harmless).
+- **Paced redelivery.** With a retry policy on the subscription, Pub/Sub paces
+  a nacked message. Without one, its deadline is set to a backoff that doubles
+  with its delivery attempt (``nack_hold_s``) and it is dropped from lease
+  management, its flow-control slot free meanwhile. Either way an outage of
+  seconds does not spend the dead-letter policy's attempts in one second.
+- **Fatal errors.** The library ends the subscription on errors retrying
+  cannot mend (PERMISSION_DENIED, NOT_FOUND, UNAUTHENTICATED). Some mend by
+  themselves (an IAM grant propagating): the consumer subscribes again with
+  backoff for ``give_up_after_s``, then gives up and ``on_give_up`` ends the
+  worker, so Kubernetes restarts the pod.
+- **Ordered stop.** After ``stop_pulling`` what arrives is nacked at once (one
+  that comes straight back is kept, leased, and nacked at close, so it cannot
+  loop); stream and leases stay up while the pipeline finishes.
+  ``wait_closed`` waits for the confirmations, then cancels the subscription
+  and waits until the library has sent every queued ack and nack.
 
-The consumer never decides a message's fate; ``pipeline.py`` does, through
-``Delivery.ack`` / ``Delivery.nack``.
+The consumer never decides a message's fate; ``pipeline.py`` does.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import queue
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from concurrent import futures
-from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -56,9 +47,11 @@ from google.api_core import exceptions
 from google.cloud import pubsub_v1
 from google.cloud.pubsub_v1.subscriber.exceptions import AcknowledgeError
 from google.cloud.pubsub_v1.subscriber.message import Message
-from google.cloud.pubsub_v1.subscriber.scheduler import Scheduler
 
 from worker import telemetry
+from worker.delivery import Delivery, LoopScheduler, nack_hold_s
+
+__all__ = ["Consumer", "Delivery", "LoopScheduler"]
 
 log = structlog.get_logger(__name__)
 
@@ -66,12 +59,6 @@ log = structlog.get_logger(__name__)
 #: that died (SIGKILL, OOM, node loss) stay invisible. The library extends leases well before they end,
 #: and raises this to 60 s itself on exactly-once subscriptions, as that feature requires.
 LEASE_EXTENSION_S = 10
-#: Seconds a nacked message is kept away on its first delivery (no retry policy); doubled on each later one.
-#: Attempts 1 to 4 wait 2, 4, 8 and 16 s, so a fifth delivery (the default dead-letter threshold) comes
-#: only after about 30 s of failures, not after one second.
-NACK_HOLD_BASE_S = 2.0
-#: The longest such backoff, in seconds: a failing message comes back at least this often.
-NACK_HOLD_MAX_S = 30.0
 #: First and longest wait before subscribing again after the library ended the subscription, in seconds.
 RESUBSCRIBE_BASE_S = 1.0
 RESUBSCRIBE_MAX_S = 30.0
@@ -82,77 +69,6 @@ HEALTHY_AFTER_S = 10.0
 CONFIRM_WAIT_S = 10.0
 #: Seconds ``get_subscription`` may take at start.
 INSPECT_TIMEOUT_S = 10.0
-
-
-def nack_hold_s(delivery_attempt: int | None) -> float:
-    """How long a message nacked on this delivery attempt stays away before it is redelivered."""
-    attempt = max(1, delivery_attempt or 1)
-    return float(min(NACK_HOLD_MAX_S, NACK_HOLD_BASE_S * 2 ** (attempt - 1)))
-
-
-@dataclass(eq=False)
-class Delivery:
-    """One received message, until the pipeline acks or nacks it."""
-
-    message_id: str
-    data: bytes
-    attributes: Mapping[str, str]
-    publish_time: float  # seconds since the epoch
-    delivery_attempt: int | None
-    received_at: float = field(default_factory=time.monotonic)
-    #: The library's message, which sends the ack or nack.
-    message: Message | None = field(default=None, repr=False)
-    #: Called once, with ``True`` for an ack and ``False`` for a nack: the consumer's bookkeeping.
-    _settle: Callable[[Delivery, bool], None] | None = field(default=None, repr=False)
-    _settled: bool = field(default=False, repr=False)
-    _nacked: bool = field(default=False, repr=False)
-
-    @property
-    def size(self) -> int:
-        return len(self.data)
-
-    @property
-    def settled(self) -> bool:
-        return self._settled
-
-    @property
-    def nacked(self) -> bool:
-        return self._nacked
-
-    def ack(self) -> None:
-        if not self._settled:
-            self._settled = True
-            if self._settle is not None:
-                self._settle(self, True)
-
-    def nack(self) -> None:
-        """Give the message back for redelivery."""
-        if not self._settled:
-            self._settled = True
-            self._nacked = True
-            if self._settle is not None:
-                self._settle(self, False)
-
-
-class LoopScheduler(Scheduler):  # type: ignore[misc]  # the library ships no type information
-    """The library's scheduler, minus the thread pool: the callback runs inline on the library's thread.
-
-    The callback only schedules work on the event loop, so it returns at once, and nothing is ever
-    left pending for ``shutdown`` to return.
-    """
-
-    def __init__(self) -> None:
-        self._queue: queue.Queue[Any] = queue.Queue()
-
-    @property
-    def queue(self) -> queue.Queue[Any]:
-        return self._queue
-
-    def schedule(self, callback: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-        callback(*args, **kwargs)
-
-    def shutdown(self, await_msg_callbacks: bool = False) -> list[Message]:
-        return []
 
 
 class Consumer:
@@ -187,7 +103,6 @@ class Consumer:
         self._client = client
         self._loop: asyncio.AbstractEventLoop | None = None
         self._future: futures.Future[Any] | None = None
-        self._subscribed_at = 0.0
         self._timers: set[asyncio.TimerHandle] = set()
         #: Reading the subscription's settings, started by ``start``.
         self.inspection: asyncio.Task[None] | None = None
@@ -316,7 +231,6 @@ class Consumer:
             flow_control=self._flow_control,
             scheduler=LoopScheduler(),
         )
-        self._subscribed_at = time.monotonic()
         future = self._future
         assert self._loop is not None
         loop = self._loop

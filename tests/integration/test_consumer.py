@@ -12,7 +12,8 @@ from google.api_core.exceptions import DeadlineExceeded
 from google.cloud import pubsub_v1
 
 from worker.config import Settings
-from worker.consumer import LEASE_EXTENSION_S, NACK_HOLD_BASE_S, Consumer, Delivery
+from worker.consumer import LEASE_EXTENSION_S, Consumer
+from worker.delivery import NACK_HOLD_BASE_S, Delivery
 
 #: Seconds any awaited condition may take on a loaded machine.
 WAIT_S = 30.0

@@ -25,7 +25,8 @@ from google.cloud.pubsub_v1.subscriber.message import Message
 from google.protobuf import timestamp_pb2
 from google.pubsub_v1 import types
 
-from worker.consumer import Consumer, Delivery, LoopScheduler, nack_hold_s
+from worker.consumer import Consumer
+from worker.delivery import Delivery, LoopScheduler, nack_hold_s
 
 SUBSCRIPTION = "projects/p/subscriptions/s"
 #: Seconds any awaited hand-off may take.
