@@ -261,3 +261,36 @@ async def test_a_message_after_failures_marks_the_subscription_healthy() -> None
     await asyncio.wait_for(deliveries.get(), WAIT_S)
     assert consumer.running and consumer.failure is None
     await consumer.wait_closed()
+
+
+async def test_settings_unreadable_while_failing_are_read_once_the_subscription_answers() -> None:
+    client = Client(types.Subscription(name=SUBSCRIPTION, retry_policy=types.RetryPolicy()))
+    unreadable = True
+    readable = client.get_subscription
+
+    def get_subscription(request: dict[str, str], timeout: float) -> types.Subscription:
+        if unreadable:
+            raise exceptions.PermissionDenied("not yet")
+        return readable(request, timeout)
+
+    client.get_subscription = get_subscription  # type: ignore[method-assign]
+    client.fail_with = exceptions.PermissionDenied("not yet")
+    consumer, deliveries = await started(client, give_up_after_s=60)
+    assert not consumer.server_paces  # unknown: the worker paces nacks itself
+    unreadable, client.fail_with = False, None
+    # The failed subscription is retried after its backoff; the first message marks it healthy.
+    subscribed_again = asyncio.Event()
+    original = client.subscribe
+
+    def subscribe(*args: Any, **kwargs: Any) -> StreamFuture:
+        subscribed_again.set()
+        return original(*args, **kwargs)
+
+    client.subscribe = subscribe  # type: ignore[method-assign]
+    await asyncio.wait_for(subscribed_again.wait(), WAIT_S)
+    client.deliver_from_a_thread(client.message(1))
+    await asyncio.wait_for(deliveries.get(), WAIT_S)
+    assert consumer.inspection is not None
+    await consumer.inspection
+    assert consumer.server_paces
+    await consumer.wait_closed()
