@@ -113,6 +113,8 @@ class Consumer:
         #: Message ids handed back since stopping, and messages that came back anyway (nacked at close).
         self._returned: set[str] = set()
         self._kept: list[Message] = []
+        #: Messages that arrived after ``stop_pulling`` (handed back or kept).
+        self.handed_back = 0
         #: Whether Pub/Sub paces redeliveries (the subscription has a retry policy).
         self.server_paces = False
         self.exactly_once = False
@@ -176,6 +178,7 @@ class Consumer:
             await asyncio.wait([asyncio.wrap_future(f) for f in self._pending], timeout=CONFIRM_WAIT_S)
         for message in self._kept:
             message.nack()
+        log.info("consumer_closing", handed_back=self.handed_back, kept=len(self._kept))
         self._kept.clear()
         future, self._future = self._future, None
         if future is not None:
@@ -337,6 +340,7 @@ class Consumer:
         telemetry.MESSAGES_HELD.set(len(self._out))
 
     def _hand_back(self, message: Message) -> None:
+        self.handed_back += 1
         if message.message_id in self._returned:
             # Nacked once already and back: keep it leased until close rather than loop it.
             self._kept.append(message)

@@ -183,7 +183,7 @@ async def test_after_stop_arrivals_go_back_at_once_and_one_that_returns_is_kept_
     marker = asyncio.Event()
     asyncio.get_running_loop().call_soon_threadsafe(marker.set)
     await marker.wait()
-    assert deliveries.empty()
+    assert deliveries.empty() and consumer.handed_back == 2
     sent = client.sent()
     assert [(type(r), r.ack_id) for r in sent] == [(requests.NackRequest, "ack-2")]
     # The held job finishes within the grace period: its ack goes out while the subscription is up.
