@@ -1,5 +1,9 @@
 """``python -m chaos``: start the real stack, run every scenario at full size, write ``build/chaos.json``.
 
+The ``pubsub_*`` scenarios pull through ``chaos/pubsub_proxy.py``, which plays
+the real service's faults (streams ended, IAM denials, a deleted subscription,
+slow or failed acks) in front of the emulator.
+
 The stack serves only the ``enhance`` model (a copy of its folder from
 ``triton/model_repository``), so restarting Triton in the Triton scenario
 takes seconds, not the minutes of loading every model on 2 cores.
@@ -17,8 +21,9 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from chaos import scenarios
+from chaos import pubsub_scenarios, scenarios
 from chaos.harness import MODEL, Report, verify_duplicate_detection
+from chaos.pubsub_proxy import PubsubFaults
 from worker.config import Settings
 from worker.stack import DEFAULT_MODEL_REPOSITORY, Stack
 
@@ -38,6 +43,17 @@ def _scenarios(stack: Stack, workdir: Path, small: bool) -> dict[str, Callable[[
         "bad_messages": lambda: scenarios.bad_messages(stack, workdir, jobs=n(900, 108)),
         "sigterm": lambda: scenarios.sigterm(stack, workdir, jobs=n(500, 120)),
         "backlog_memory": lambda: scenarios.backlog_memory(stack, workdir, backlog=n(5000, 600)),
+        "pubsub_streams_closed": lambda: pubsub_scenarios.streams_closed(stack, workdir, jobs=n(500, 100)),
+        "pubsub_permission_denied": lambda: pubsub_scenarios.through_proxy(
+            stack, workdir, "pubsub_permission_denied", PubsubFaults(deny_for_s=20.0), jobs=n(500, 100)
+        ),
+        "pubsub_not_found": lambda: pubsub_scenarios.not_found(stack, workdir, jobs=n(500, 100)),
+        "pubsub_settle_delayed": lambda: pubsub_scenarios.through_proxy(
+            stack, workdir, "pubsub_settle_delayed", PubsubFaults(delay_settle_s=5.0), jobs=n(500, 100)
+        ),
+        "pubsub_acks_dropped": lambda: pubsub_scenarios.through_proxy(
+            stack, workdir, "pubsub_acks_dropped", PubsubFaults(drop_ack_share=0.3), jobs=n(500, 100)
+        ),
     }
 
 

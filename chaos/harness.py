@@ -235,6 +235,16 @@ class WorkerProcess:
             return -9, time.monotonic() - started
         return code, time.monotonic() - started
 
+    async def wait_exit(self, timeout_s: float) -> tuple[int | None, float]:
+        """Wait for the process to exit on its own; returns its status (``None`` if it still ran) and the wait."""
+        assert self.proc is not None
+        started = time.monotonic()
+        try:
+            code = await asyncio.to_thread(self.proc.wait, timeout_s)
+        except subprocess.TimeoutExpired:
+            return None, time.monotonic() - started
+        return code, time.monotonic() - started
+
     def stop_hard(self) -> None:
         """Make sure nothing is left running (the cleanup of a failed scenario)."""
         if self.running:

@@ -127,20 +127,20 @@ def _run_worker(settings: Settings) -> int:
 
     tune_gc()  # after the import above, which loads nearly every module the worker runs
 
-    async def serve() -> None:
+    async def serve() -> int:
         worker = Worker(settings)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, worker.request_stop)
         await worker.run()
+        # Non-zero when the worker could not go on (its subscription kept failing): Kubernetes restarts it.
+        return 0 if worker.failure is None else 1
 
     with contextlib.suppress(ImportError):
         import uvloop
 
-        uvloop.run(serve())
-        return 0
-    asyncio.run(serve())
-    return 0
+        return uvloop.run(serve())
+    return asyncio.run(serve())
 
 
 def _parse_params(pairs: Sequence[str]) -> dict[str, str]:

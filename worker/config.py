@@ -91,6 +91,13 @@ class Settings(BaseSettings):
         600.0, gt=30, description="Longest a message's lease is extended while its job runs, in seconds."
     )
     max_in_flight: int = Field(64, ge=1, description="Jobs processed concurrently by the pipeline.")
+    pubsub_give_up_s: float = Field(
+        300.0,
+        gt=0,
+        description="How long the subscription may keep failing with errors retrying cannot mend "
+        "(PERMISSION_DENIED while an IAM grant propagates, NOT_FOUND, UNAUTHENTICATED) before `tritonq run` exits "
+        "non-zero so that Kubernetes restarts it, in seconds; the worker subscribes again with backoff meanwhile.",
+    )
     shape_buckets_px: CsvInts = Field(
         (32, 64, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048),
         description="Image sides are padded up to one of these (comma-separated, px), so images of many sizes "

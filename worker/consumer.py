@@ -1,193 +1,81 @@
-"""Pub/Sub streaming pull on the event loop: flow control, leases, ack/nack, and an ordered stop.
+"""Pub/Sub on the event loop: google-cloud-pubsub's subscriber, bridged to the pipeline's queue.
 
-The consumer speaks Pub/Sub's ``StreamingPull`` itself, over one ``grpc.aio``
-channel, with the request and response messages google-cloud-pubsub defines.
-It replaced that library's threaded subscriber, measured
-(``python -m bench.pubsub_clients``, 3,000 messages, 64 held, on the emulator):
-at the same rate (the emulator's, about 1,900 messages/s), the library's
-subscriber handing messages to asyncio cost 0.16 ms of CPU per message (0.3 ms
-when each callback thread stayed parked until its job was settled, which the
-ordered shutdown needed), and this consumer 0.04 ms. Inside the worker those
-threads also contended with the event loop for the GIL.
+The library owns the protocol: the streaming pull and its reconnections, flow
+control (it pauses the stream when full), leases, batched acks and modacks with
+their retries, exactly-once confirmations. This module owns the bridge and the
+worker's policy:
 
-- **Flow control** is the consumer's own: at most ``max_messages`` messages and
-  ``max_bytes`` bytes are handed to the pipeline at once. The stream asks the
-  server for the same bounds, but the emulator ignores them, so messages beyond
-  them wait here (leased) and the stream is not read until they are handed out.
-- **Leases**: every message held (handed out or waiting) has its ack deadline
-  pushed to ``LEASE_EXTENSION_S`` every ``LEASE_RENEW_S``, until it has been held
-  ``max_lease_duration`` (the pipeline nacks a job before then).
-- **Acks and nacks** are batched into unary ``Acknowledge`` / ``ModifyAckDeadline``
-  calls, which answer (unlike acks written on the stream), so ``wait_closed``
-  knows they were sent.
-- **Nacks are paced.** A message the pipeline nacks while the worker runs keeps
-  its lease and its flow-control slot for a backoff that doubles with its
-  delivery attempt (``NACK_HOLD_BASE_S`` .. ``NACK_HOLD_MAX_S``) before it is
-  handed back. Transient failures are mostly outages (storage or Triton down for
-  seconds), and each redelivery spends one of the subscription's
-  ``max_delivery_attempts``: handed back at once, a message burns its five
-  attempts in the first seconds of a 10 s outage and is dead-lettered although
-  nothing is wrong with it (the chaos scenario ``storage_outage`` showed it).
-  Held slots also stop the pull, so an outage is backpressure, not churn. Once
-  stopping, nacks go out at once: shutdown must not wait on a backoff.
-- **The stream** is reopened with backoff when it breaks for a retryable reason
-  (Pub/Sub closes streams from time to time); any other error stops the
-  consumer, and readiness reports it. Stopping half-closes it and lets the
-  server end it (``_end_stream``), rather than cancelling it.
+- **The bridge.** ``LoopScheduler`` runs the library's callback inline on the
+  library's thread, and the callback only hands the message to the event loop
+  (``call_soon_threadsafe``) as a ``Delivery`` on the bounded delivery queue:
+  no thread is parked per message. Acks, nacks and modacks are called from the
+  loop; they only queue a request for the library's dispatcher thread.
+- **Confirmations.** Acks and nacks go through ``*_with_response``: answered at
+  once without exactly-once delivery; with it, by the server, per ack id
+  (``AcknowledgeError``, e.g. ``INVALID_ACK_ID``: the lease was lost and the
+  message comes back, which the pipeline's records make harmless).
+- **Paced redelivery.** With a retry policy on the subscription, Pub/Sub paces
+  a nacked message. Without one, its deadline is set to a backoff that doubles
+  with its delivery attempt (``nack_hold_s``) and it is dropped from lease
+  management, its flow-control slot free meanwhile. Either way an outage of
+  seconds does not spend the dead-letter policy's attempts in one second.
+- **Fatal errors.** The library ends the subscription on errors retrying
+  cannot mend (PERMISSION_DENIED, NOT_FOUND, UNAUTHENTICATED). Some mend by
+  themselves (an IAM grant propagating): the consumer subscribes again with
+  backoff for ``give_up_after_s``, then gives up and ``on_give_up`` ends the
+  worker, so Kubernetes restarts the pod.
+- **Ordered stop.** After ``stop_pulling`` what arrives is nacked at once (one
+  that comes straight back is kept, leased, and nacked at close, so it cannot
+  loop); stream and leases stay up while the pipeline finishes.
+  ``wait_closed`` waits for the confirmations, then cancels the subscription
+  and waits until the library has sent every queued ack and nack.
 
-The consumer never decides a message's fate; ``pipeline.py`` does, through
-``Delivery.ack`` / ``Delivery.nack``.
+The consumer never decides a message's fate; ``pipeline.py`` does.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import time
-from collections import deque
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from concurrent import futures
 from typing import Any
 
-import grpc
 import structlog
-from google.protobuf import empty_pb2
-from google.pubsub_v1.services.subscriber.transports.grpc_asyncio import SubscriberGrpcAsyncIOTransport
-from google.pubsub_v1.types import (
-    AcknowledgeRequest,
-    ModifyAckDeadlineRequest,
-    StreamingPullRequest,
-    StreamingPullResponse,
-)
+from google.api_core import exceptions
+from google.cloud import pubsub_v1
+from google.cloud.pubsub_v1.subscriber.exceptions import AcknowledgeError
+from google.cloud.pubsub_v1.subscriber.message import Message
 
 from worker import telemetry
+from worker.delivery import Delivery, LoopScheduler, nack_hold_s
+
+__all__ = ["Consumer", "Delivery", "LoopScheduler"]
 
 log = structlog.get_logger(__name__)
 
-#: Seconds one lease lasts: the stream's ack deadline and each renewal's. What it
-#: bounds is how long the messages of a worker that died (SIGKILL, OOM, node loss)
-#: stay invisible: 10 s, the least Pub/Sub allows, brought them back in about 9 s.
+#: The longest lease one extension grants, in seconds (Pub/Sub's least): how long the messages of a worker
+#: that died (SIGKILL, OOM, node loss) stay invisible. The library extends leases well before they end,
+#: and raises this to 60 s itself on exactly-once subscriptions, as that feature requires.
 LEASE_EXTENSION_S = 10
-#: Seconds between lease renewals: well inside ``LEASE_EXTENSION_S``, so a renewal
-#: that is late by a busy event loop or a slow round trip still lands in time.
-LEASE_RENEW_S = 3.0
-#: Seconds between heartbeats on an idle stream (Pub/Sub closes streams that stay silent).
-HEARTBEAT_S = 30.0
-#: Seconds the server gets to end the stream after the consumer stops writing, before it is cancelled.
-STREAM_END_S = 2.0
-#: Seconds acks and nacks are gathered before one request carries them all.
-SETTLE_BATCH_S = 0.01
-#: Ack ids per request: Pub/Sub's request size limit (512 KiB) holds about 2,500.
-MAX_IDS_PER_REQUEST = 2500
-#: Tries of one ack or modack request before its ids are given up (the messages come back, which
-#: the pipeline's records make harmless).
-SETTLE_ATTEMPTS = 3
-#: Backoff of the stream's reconnections, in seconds: first and longest.
-RECONNECT_BASE_S = 0.1
-RECONNECT_MAX_S = 10.0
-#: Stream errors that mean "open it again"; anything else (no such subscription, no permission) stops the consumer.
-RETRYABLE = frozenset(
-    {
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.INTERNAL,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        grpc.StatusCode.ABORTED,
-        grpc.StatusCode.UNKNOWN,
-        grpc.StatusCode.CANCELLED,
-    }
-)
-
-#: Seconds a nacked message is held before it is handed back, on its first
-#: delivery; doubled on each later one. Attempts 1 to 4 wait 2, 4, 8 and 16 s,
-#: so a message meets a fifth delivery (the default dead-letter threshold) only
-#: after about 30 s of failures, not after one second.
-NACK_HOLD_BASE_S = 2.0
-#: The longest hold, in seconds: short enough that one slot held by a failing message costs little throughput.
-NACK_HOLD_MAX_S = 30.0
-
-_SERVICE = "/google.pubsub.v1.Subscriber/"
-_PULL_REQUEST = StreamingPullRequest.pb()
-_PULL_RESPONSE = StreamingPullResponse.pb()
-_ACK_REQUEST = AcknowledgeRequest.pb()
-_MODACK_REQUEST = ModifyAckDeadlineRequest.pb()
-_EMULATOR_CHANNEL_OPTIONS = (
-    ("grpc.max_send_message_length", -1),
-    ("grpc.max_receive_message_length", -1),
-)
-#: Pings every 30 s, as Google's own clients do, so a dead connection to Pub/Sub is noticed. Not
-#: toward the emulator: it answers them after 90 s with GOAWAY ("too_many_pings"), and every
-#: stream closed that way stays on its books and keeps taking a share of the redeliveries
-#: (``chaos/scenarios.py: orphan_allowance_s``).
-_CHANNEL_OPTIONS = (*_EMULATOR_CHANNEL_OPTIONS, ("grpc.keepalive_time_ms", 30_000))
-
-
-def nack_hold_s(delivery_attempt: int | None) -> float:
-    """How long a message nacked on this delivery attempt is held before it is handed back."""
-    attempt = max(1, delivery_attempt or 1)
-    return float(min(NACK_HOLD_MAX_S, NACK_HOLD_BASE_S * 2 ** (attempt - 1)))
-
-
-@dataclass(eq=False)
-class Delivery:
-    """One received message, until the pipeline acks or nacks it."""
-
-    message_id: str
-    data: bytes
-    attributes: Mapping[str, str]
-    publish_time: float  # seconds since the epoch
-    delivery_attempt: int | None
-    ack_id: str = ""
-    received_at: float = field(default_factory=time.monotonic)
-    #: Called once, with ``True`` for an ack and ``False`` for a nack: the consumer's bookkeeping.
-    _settle: Callable[[Delivery, bool], None] | None = field(default=None, repr=False)
-    _settled: bool = field(default=False, repr=False)
-    _nacked: bool = field(default=False, repr=False)
-
-    @property
-    def size(self) -> int:
-        return len(self.data)
-
-    @property
-    def settled(self) -> bool:
-        return self._settled
-
-    @property
-    def nacked(self) -> bool:
-        """Settled by ``nack``: the consumer hands the message back (after its hold)."""
-        return self._nacked
-
-    def ack(self) -> None:
-        if not self._settled:
-            self._settled = True
-            if self._settle is not None:
-                self._settle(self, True)
-
-    def nack(self) -> None:
-        """Give the message back for redelivery."""
-        if not self._settled:
-            self._settled = True
-            self._nacked = True
-            if self._settle is not None:
-                self._settle(self, False)
-
-
-def open_channel() -> grpc.aio.Channel:
-    """A channel to ``PUBSUB_EMULATOR_HOST`` (plain text), else to Pub/Sub with the default credentials."""
-    emulator = os.environ.get("PUBSUB_EMULATOR_HOST")
-    if emulator:
-        return grpc.aio.insecure_channel(emulator, options=_EMULATOR_CHANNEL_OPTIONS)
-    return SubscriberGrpcAsyncIOTransport.create_channel(options=_CHANNEL_OPTIONS)
+#: First and longest wait before subscribing again after the library ended the subscription, in seconds.
+RESUBSCRIBE_BASE_S = 1.0
+RESUBSCRIBE_MAX_S = 30.0
+#: Seconds a subscription must live to count as healthy again (idle subscriptions bring no message to say so).
+HEALTHY_AFTER_S = 10.0
+#: Seconds ``wait_closed`` waits for exactly-once confirmations before it closes anyway (the messages
+#: then come back, and their records make the repeat harmless).
+CONFIRM_WAIT_S = 10.0
+#: Seconds ``get_subscription`` may take at start.
+INSPECT_TIMEOUT_S = 10.0
 
 
 class Consumer:
-    """Streaming pull of one subscription into ``queue``; ``start()`` once, ``stop_pulling()`` to stop.
+    """One subscription pulled into ``queue``; ``start()`` once, ``stop_pulling()`` then ``wait_closed()`` to stop.
 
-    ``async with`` starts it and, on leaving, stops it and sends the last acks (``wait_closed``); the
-    worker instead calls the steps itself, in its ordered shutdown.
-
-    Everything runs on the event loop that called ``start``.
+    ``async with`` starts it and, on leaving, stops it and sends the last acks. Everything but the
+    library's callback runs on the event loop that called ``start``.
     """
 
     def __init__(
@@ -198,54 +86,56 @@ class Consumer:
         max_messages: int,
         max_bytes: int,
         max_lease_duration_s: float,
+        give_up_after_s: float = 300.0,
+        on_give_up: Callable[[str], None] | None = None,
+        client: pubsub_v1.SubscriberClient | None = None,
     ) -> None:
         self._subscription = subscription
         self._queue = queue
-        self._max_messages = max_messages
-        self._max_bytes = max_bytes
-        self._max_lease_duration_s = max_lease_duration_s
-        self._channel: grpc.aio.Channel | None = None
-        self._leaser: asyncio.Task[None] | None = None
-        self._puller: asyncio.Task[None] | None = None
-        #: The stream now open, for ``_end_stream``.
-        self._call: Any = None
-        self._ender: asyncio.Task[None] | None = None
-        #: Handed to the pipeline and not yet settled (or nacked and held for its backoff).
+        self._flow_control = pubsub_v1.types.FlowControl(
+            max_messages=max_messages,
+            max_bytes=max_bytes,
+            max_lease_duration=int(max_lease_duration_s),
+            max_duration_per_lease_extension=LEASE_EXTENSION_S,
+        )
+        self._give_up_after_s = give_up_after_s
+        self._on_give_up = on_give_up
+        self._client = client
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._future: futures.Future[Any] | None = None
+        self._timers: set[asyncio.TimerHandle] = set()
+        #: Reading the subscription's settings, started by ``start``.
+        self.inspection: asyncio.Task[None] | None = None
+        #: Handed to the pipeline and not yet settled.
         self._out: set[Delivery] = set()
-        self._out_bytes = 0
-        #: Received beyond the flow-control bounds: leased, waiting for room.
-        self._waiting: deque[Delivery] = deque()
-        self._room = asyncio.Event()
-        self._holds: dict[Delivery, asyncio.TimerHandle] = {}
-        self._acks: list[str] = []
-        self._nacks: list[str] = []
-        self._flush_wanted = asyncio.Event()
-        self._settler: asyncio.Task[None] | None = None
+        #: Ack and nack confirmations not yet answered (exactly-once subscriptions).
+        self._pending: set[futures.Future[Any]] = set()
+        #: Message ids handed back since stopping, and messages that came back anyway (nacked at close).
+        self._returned: set[str] = set()
+        self._kept: list[Message] = []
+        #: Messages that arrived after ``stop_pulling`` (handed back or kept).
+        self.handed_back = 0
+        #: Whether Pub/Sub paces redeliveries (the subscription has a retry policy).
+        self.server_paces = False
+        self.exactly_once = False
+        self._inspected = False
+        self._failing_since: float | None = None
+        self._backoff_s = RESUBSCRIBE_BASE_S
         self._stopping = False
-        self._closing = False
-        self.running = False
+        self._closed = False
+        #: Why the consumer gave up, once it has.
+        self.failure: str | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     def start(self) -> None:
-        if self._channel is not None:
+        if self._loop is not None:
             raise RuntimeError("Consumer already started")
-        self._channel = open_channel()
-        self._ack_call = self._channel.unary_unary(
-            _SERVICE + "Acknowledge",
-            request_serializer=_ACK_REQUEST.SerializeToString,
-            response_deserializer=empty_pb2.Empty.FromString,
-        )
-        self._modack_call = self._channel.unary_unary(
-            _SERVICE + "ModifyAckDeadline",
-            request_serializer=_MODACK_REQUEST.SerializeToString,
-            response_deserializer=empty_pb2.Empty.FromString,
-        )
-        self._room.set()
-        self.running = True
-        self._puller = asyncio.create_task(self._pull_forever(), name="pubsub-pull")
-        self._leaser = asyncio.create_task(self._renew_leases(), name="pubsub-leases")
-        self._settler = asyncio.create_task(self._send_settlements(), name="pubsub-settle")
+        self._loop = asyncio.get_running_loop()
+        if self._client is None:
+            self._client = pubsub_v1.SubscriberClient()
+        self.inspection = asyncio.create_task(self._inspect(), name="pubsub-inspect")
+        self._subscribe()
         log.info("consumer_started", subscription=self._subscription)
 
     async def __aenter__(self) -> Consumer:
@@ -255,265 +145,247 @@ class Consumer:
     async def __aexit__(self, *_: object) -> None:
         await self.wait_closed()
 
+    @property
+    def running(self) -> bool:
+        """Pulling: subscribed, not failing, not stopping."""
+        return self._future is not None and self._failing_since is None and not self._stopping
+
     def stop_pulling(self) -> None:
-        """Stop receiving; what was handed out stays held until the pipeline settles it."""
+        """Hand out nothing more; what was handed out stays leased until the pipeline settles it."""
         self._stopping = True
-        self.running = False
-        if self._ender is None and self._puller is not None and not self._puller.done():
-            self._ender = asyncio.create_task(self._end_stream(self._puller), name="pubsub-end-stream")
-        # Never handed out: straight back to Pub/Sub.
-        while self._waiting:
-            self._give_back(self._waiting.popleft())
-        # Nacks held for their backoff go out now.
-        for delivery, handle in list(self._holds.items()):
-            handle.cancel()
-            self._release_nack(delivery)
-        self._room.set()
+        for timer in self._timers:
+            timer.cancel()
+        self._timers.clear()
 
     def nack_held(self) -> int:
-        """Nack every message still held (the end of the grace period); returns how many."""
+        """Nack every message still handed out (the end of the grace period); returns how many."""
         held = [d for d in self._out if not d.settled]
         for delivery in held:
             delivery.nack()
         return len(held)
 
     async def wait_closed(self) -> None:
-        """Send the last acks and nacks and close the channel; idempotent."""
-        if self._channel is None:
+        """Wait for the confirmations, close the subscription once its queued requests are sent; idempotent."""
+        if self._loop is None or self._closed:
             return
+        self._closed = True
         self.stop_pulling()
-        if self._ender is not None:
-            await self._ender
-        for task in (self._puller, self._leaser):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        # The settler sends what is pending and returns: cancelling it could drop a request half sent.
-        self._closing = True
-        self._flush_wanted.set()
-        if self._settler is not None:
-            await self._settler
-        channel, self._channel = self._channel, None
-        await channel.close()
+        if self.inspection is not None:
+            self.inspection.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.inspection
+        if self._pending:
+            await asyncio.wait([asyncio.wrap_future(f) for f in self._pending], timeout=CONFIRM_WAIT_S)
+        for message in self._kept:
+            message.nack()
+        log.info("consumer_closing", handed_back=self.handed_back, kept=len(self._kept))
+        self._kept.clear()
+        future, self._future = self._future, None
+        if future is not None:
+            future.cancel()
+            # The library's shutdown sends what its dispatcher holds, then resolves the future.
+            await asyncio.to_thread(_wait_resolved, future)
+        if self._client is not None:
+            await asyncio.to_thread(self._client.close)
+        telemetry.MESSAGES_HELD.set(0)
 
-    # -- what the worker reads --------------------------------------------------------------------
+    # -- what the worker reads ---------------------------------------------------------------------
 
     @property
     def held(self) -> int:
-        return len(self._out) + len(self._waiting)
+        return len(self._out)
 
     def oldest_age_s(self) -> float:
-        """Age since publish of the oldest message held, 0 when none."""
-        oldest = min((d.publish_time for d in (*self._out, *self._waiting)), default=None)
+        """Age since publish of the oldest message handed out, 0 when none."""
+        oldest = min((d.publish_time for d in self._out), default=None)
         return max(0.0, time.time() - oldest) if oldest is not None else 0.0
 
-    # -- the stream -----------------------------------------------------------------------------------
+    # -- the subscription ----------------------------------------------------------------------------
 
-    async def _pull_forever(self) -> None:
-        delay = RECONNECT_BASE_S
-        while not self._stopping:
-            try:
-                received = await self._pull_once()
-            except grpc.aio.AioRpcError as exc:
-                if self._stopping:
-                    return
-                if exc.code() not in RETRYABLE:
-                    self.running = False
-                    log.error("consumer_stopped", code=exc.code().name, error=exc.details())
-                    return
-                log.warning("pubsub_stream_reopened", code=exc.code().name, error=exc.details(), delay_s=delay)
-                received = 0
-            if self._stopping:
-                return
-            if received:
-                delay = RECONNECT_BASE_S
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, RECONNECT_MAX_S)
-
-    async def _pull_once(self) -> int:
-        """One stream, read until it ends or breaks; returns the messages it brought."""
-        assert self._channel is not None
-        call = self._channel.stream_stream(
-            _SERVICE + "StreamingPull",
-            request_serializer=_PULL_REQUEST.SerializeToString,
-            response_deserializer=_PULL_RESPONSE.FromString,
-        )()
-        received = 0
-        heartbeat = None
+    async def _inspect(self) -> None:
+        """Read the subscription's settings: its retry policy and exactly-once delivery shape what a nack does."""
+        assert self._client is not None
+        client = self._client
         try:
-            await call.write(
-                _PULL_REQUEST(
-                    subscription=self._subscription,
-                    stream_ack_deadline_seconds=LEASE_EXTENSION_S,
-                    max_outstanding_messages=self._max_messages,
-                    max_outstanding_bytes=self._max_bytes,
-                )
+            subscription = await asyncio.to_thread(
+                lambda: client.get_subscription(request={"subscription": self._subscription}, timeout=INSPECT_TIMEOUT_S)
             )
-            heartbeat = asyncio.create_task(self._heartbeat(call), name="pubsub-heartbeat")
-            self._call = call
-            while True:
-                await self._room.wait()
-                response: Any = await call.read()
-                if response is grpc.aio.EOF:
-                    return received
-                received += self._receive(response.received_messages)
-        finally:
-            self._call = None
-            if heartbeat is not None:
-                heartbeat.cancel()
-            call.cancel()
+        except exceptions.GoogleAPICallError as exc:
+            # Not fatal: the stream reports the same errors, and without the settings the worker paces nacks itself.
+            log.warning("subscription_unreadable", subscription=self._subscription, error=str(exc))
+            return
+        self._inspected = True
+        self.server_paces = "retry_policy" in subscription
+        self.exactly_once = bool(subscription.enable_exactly_once_delivery)
+        log.info(
+            "subscription_read",
+            subscription=self._subscription,
+            retry_policy=self.server_paces,
+            exactly_once_delivery=self.exactly_once,
+            dead_letter_policy="dead_letter_policy" in subscription,
+        )
 
-    async def _end_stream(self, puller: asyncio.Task[None]) -> None:
-        """Stop writing and let the server end the stream; cancel it if the server does not within ``STREAM_END_S``.
+    def _subscribe(self) -> None:
+        if self._stopping or self._client is None:
+            return
+        self._future = self._client.subscribe(
+            self._subscription,
+            self._on_message,
+            flow_control=self._flow_control,
+            scheduler=LoopScheduler(),
+        )
+        future = self._future
+        assert self._loop is not None
+        loop = self._loop
+        future.add_done_callback(lambda done: loop.call_soon_threadsafe(self._ended, done))
+        self._later(HEALTHY_AFTER_S, self._healthy, future)
 
-        Half-closing is the orderly end of a streaming call. It matters on the
-        emulator: a stream the client cancels stays on its books (its gRPC layer
-        throws in ``onRstStreamRead``) and takes the nacks a stopping worker
-        sends, each then waiting out a 10 s deadline there before another
-        worker sees it. Measured: a nack sent after a cancel was gone from a
-        plain pull 50 ms later in 12 of 12 tries; after a half-close it was
-        still there 50 ms, 0.5 s and 2 s later in 8 of 8. Messages the server
-        sends before it ends the stream go straight back (``_receive`` while
-        stopping).
-        """
-        call = self._call
-        if call is not None:
-            with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError):
-                await call.done_writing()
-        try:
-            await asyncio.wait_for(asyncio.shield(puller), STREAM_END_S)
-        except TimeoutError:
-            puller.cancel()
+    def _later(self, delay_s: float, callback: Callable[..., None], *args: Any) -> None:
+        assert self._loop is not None
+        handle: asyncio.TimerHandle
 
-    async def _heartbeat(self, call: Any) -> None:
-        while True:
-            await asyncio.sleep(HEARTBEAT_S)
-            if self._stopping:
-                return  # the stream is being half-closed: no write may follow
-            await call.write(_PULL_REQUEST())
+        def fire() -> None:
+            self._timers.discard(handle)
+            callback(*args)
 
-    def _receive(self, messages: Sequence[Any]) -> int:
+        handle = self._loop.call_later(delay_s, fire)
+        self._timers.add(handle)
+
+    def _healthy(self, future: futures.Future[Any]) -> None:
+        if future is self._future and not future.done():
+            self._recovered()
+
+    def _recovered(self) -> None:
+        if self._failing_since is not None:
+            log.info("pubsub_subscription_recovered", failed_for_s=round(time.monotonic() - self._failing_since, 1))
+        self._failing_since = None
+        self._backoff_s = RESUBSCRIBE_BASE_S
+        if not self._inspected and self.inspection is not None and self.inspection.done() and not self._stopping:
+            # Read while the subscription failed: read again now that it answers.
+            self.inspection = asyncio.create_task(self._inspect(), name="pubsub-inspect")
+
+    def _ended(self, future: futures.Future[Any]) -> None:
+        """The library ended the subscription: subscribe again, or give up once it has failed too long."""
+        if future is not self._future or self._stopping:
+            return
+        error = future.exception()
+        if error is None:
+            return
+        code = (
+            error.grpc_status_code.name
+            if isinstance(error, exceptions.GoogleAPICallError) and error.grpc_status_code
+            else type(error).__name__
+        )
         now = time.monotonic()
-        for received in messages:
-            message = received.message
-            stamp = message.publish_time
-            delivery = Delivery(
-                message_id=message.message_id,
-                data=message.data,
-                attributes=dict(message.attributes),
-                publish_time=stamp.seconds + stamp.nanos / 1e9,
-                delivery_attempt=received.delivery_attempt or None,
-                ack_id=received.ack_id,
-                received_at=now,
-                _settle=self._settled,
-            )
-            if self._stopping:
-                self._give_back(delivery)
-            else:
-                self._waiting.append(delivery)
-        self._hand_out()
-        return len(messages)
+        if self._failing_since is None:
+            self._failing_since = now
+        failing_s = now - self._failing_since
+        delay_s = min(self._backoff_s, self._give_up_after_s - failing_s)
+        if delay_s <= 0:
+            self._give_up(f"{code}: {error}", failing_s)
+            return
+        log.warning(
+            "pubsub_subscription_failed",
+            code=code,
+            error=str(error),
+            failing_for_s=round(failing_s, 1),
+            give_up_after_s=self._give_up_after_s,
+            retry_in_s=round(delay_s, 1),
+        )
+        self._backoff_s = min(self._backoff_s * 2, RESUBSCRIBE_MAX_S)
+        self._later(delay_s, self._subscribe)
 
-    # -- flow control ------------------------------------------------------------------------------
+    def _give_up(self, reason: str, failing_s: float) -> None:
+        self.failure = reason
+        log.error(
+            "consumer_gave_up",
+            subscription=self._subscription,
+            reason=reason,
+            failing_for_s=round(failing_s, 1),
+            hint="check the subscription exists and the worker's service account may consume it",
+        )
+        if self._on_give_up is not None:
+            self._on_give_up(reason)
 
-    def _hand_out(self) -> None:
-        while self._waiting and not self._stopping and self._has_room(self._waiting[0]):
-            delivery = self._waiting.popleft()
-            self._out.add(delivery)
-            self._out_bytes += delivery.size
+    # -- messages in ---------------------------------------------------------------------------------
+
+    def _on_message(self, message: Message) -> None:
+        """The library's callback, on its thread: hand the message to the loop, nothing more."""
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._receive, message)
+
+    def _receive(self, message: Message) -> None:
+        if self._failing_since is not None:
+            self._recovered()
+        if self._stopping:
+            self._hand_back(message)
+            return
+        delivery = Delivery(
+            message_id=message.message_id,
+            data=message.data,
+            attributes=dict(message.attributes),
+            publish_time=message.publish_time.timestamp(),
+            delivery_attempt=message.delivery_attempt,
+            message=message,
+            _settle=self._settled,
+        )
+        try:
             self._queue.put_nowait(delivery)
-        # While messages wait for room, the stream is not read: gRPC's flow control then stops the
-        # server from pushing more, and what it has not pushed stays available to other streams.
-        # Reading on (leasing everything the emulator pushes, as it ignores the bounds) was tried:
-        # it ended the backlog chaos run's dead-lettered copies (3,751 to 0), but a SIGKILLed
-        # worker then took the whole backlog down with it, and the emulator handed the expired
-        # messages to no stream already open: the restarted worker sat idle for 90 s.
-        if self._waiting:
-            self._room.clear()
-        else:
-            self._room.set()
-        telemetry.MESSAGES_HELD.set(self.held)
+        except asyncio.QueueFull:
+            # Flow control bounds what is handed out by the queue's size; a smaller queue is a wiring bug.
+            log.error("delivery_queue_full", size=self._queue.qsize())
+            self._track("nack", message.nack_with_response())
+            return
+        self._out.add(delivery)
+        telemetry.MESSAGES_HELD.set(len(self._out))
 
-    def _has_room(self, delivery: Delivery) -> bool:
-        if not self._out:
-            return True  # one message always fits, however large
-        return len(self._out) < self._max_messages and self._out_bytes + delivery.size <= self._max_bytes
+    def _hand_back(self, message: Message) -> None:
+        self.handed_back += 1
+        if message.message_id in self._returned:
+            # Nacked once already and back: keep it leased until close rather than loop it.
+            self._kept.append(message)
+            return
+        self._returned.add(message.message_id)
+        self._track("nack", message.nack_with_response())
+
+    # -- messages out ----------------------------------------------------------------------------------
 
     def _settled(self, delivery: Delivery, acked: bool) -> None:
+        self._out.discard(delivery)
+        telemetry.MESSAGES_HELD.set(len(self._out))
+        message = delivery.message
+        if message is None:
+            return
         if acked:
-            self._acks.append(delivery.ack_id)
-            self._flush_wanted.set()
-            self._done(delivery)
-        elif self._stopping:
-            self._release_nack(delivery)
+            self._track("ack", message.ack_with_response())
+        elif self._stopping or self.server_paces:
+            self._track("nack", message.nack_with_response())
         else:
-            # Hold the lease and the flow-control slot for the backoff; stop_pulling cuts it short.
-            hold = nack_hold_s(delivery.delivery_attempt)
-            self._holds[delivery] = asyncio.get_running_loop().call_later(hold, self._release_nack, delivery)
+            # Back after the backoff: the deadline is the backoff, and the library stops extending it.
+            hold_s = round(nack_hold_s(delivery.delivery_attempt))
+            self._track("nack", message.modify_ack_deadline_with_response(hold_s))
+            message.drop()
 
-    def _release_nack(self, delivery: Delivery) -> None:
-        self._holds.pop(delivery, None)
-        self._give_back(delivery)
-        self._done(delivery)
+    def _track(self, what: str, future: futures.Future[Any]) -> None:
+        if future.done():
+            self._confirmed(what, future)
+            return
+        self._pending.add(future)
+        assert self._loop is not None
+        loop = self._loop
+        future.add_done_callback(lambda done: loop.call_soon_threadsafe(self._confirmed, what, done))
 
-    def _give_back(self, delivery: Delivery) -> None:
-        self._nacks.append(delivery.ack_id)
-        self._flush_wanted.set()
+    def _confirmed(self, what: str, future: futures.Future[Any]) -> None:
+        self._pending.discard(future)
+        error = future.exception()
+        if error is None:
+            return
+        telemetry.PUBSUB_REQUEST_ERRORS.labels(what).inc()
+        code = error.error_code.name if isinstance(error, AcknowledgeError) else type(error).__name__
+        # The message comes back (or was already acked elsewhere): its record makes the repeat harmless.
+        log.warning("pubsub_request_failed", request=what, code=code, error=str(error))
 
-    def _done(self, delivery: Delivery) -> None:
-        if delivery in self._out:
-            self._out.discard(delivery)
-            self._out_bytes -= delivery.size
-        self._hand_out()
 
-    # -- requests beside the stream ---------------------------------------------------------------
-
-    async def _renew_leases(self) -> None:
-        while True:
-            await asyncio.sleep(LEASE_RENEW_S)
-            now = time.monotonic()
-            # Handed out, waiting, or nacked and held for its backoff: every message here is ours.
-            held = (*self._out, *self._waiting)
-            ids = [d.ack_id for d in held if now - d.received_at < self._max_lease_duration_s]
-            await self._modack(ids, LEASE_EXTENSION_S)
-
-    async def _send_settlements(self) -> None:
-        """Send acks and nacks as they come, until ``wait_closed`` has had the last ones sent."""
-        while not (self._closing and not self._acks and not self._nacks):
-            await self._flush_wanted.wait()
-            if not self._closing:
-                # Let the acks of one batch of results gather into one request.
-                await asyncio.sleep(SETTLE_BATCH_S)
-            await self._flush()
-
-    async def _flush(self) -> None:
-        self._flush_wanted.clear()
-        acks, self._acks = self._acks, []
-        nacks, self._nacks = self._nacks, []
-        for start in range(0, len(acks), MAX_IDS_PER_REQUEST):
-            request = _ACK_REQUEST(subscription=self._subscription, ack_ids=acks[start : start + MAX_IDS_PER_REQUEST])
-            await self._send("ack", self._ack_call, request)
-        await self._modack(nacks, 0)
-
-    async def _modack(self, ids: list[str], seconds: int) -> None:
-        for start in range(0, len(ids), MAX_IDS_PER_REQUEST):
-            request = _MODACK_REQUEST(
-                subscription=self._subscription,
-                ack_ids=ids[start : start + MAX_IDS_PER_REQUEST],
-                ack_deadline_seconds=seconds,
-            )
-            await self._send("nack" if seconds == 0 else "lease", self._modack_call, request)
-
-    async def _send(self, what: str, call: Any, request: Any) -> None:
-        for attempt in range(1, SETTLE_ATTEMPTS + 1):
-            try:
-                await call(request)
-                return
-            except grpc.aio.AioRpcError as exc:
-                telemetry.PUBSUB_REQUEST_ERRORS.labels(what).inc()
-                if attempt == SETTLE_ATTEMPTS or exc.code() not in RETRYABLE:
-                    # The messages come back after their deadline; their records make the repeat harmless.
-                    log.warning("pubsub_request_failed", request=what, code=exc.code().name, error=exc.details())
-                    return
-                await asyncio.sleep(RECONNECT_BASE_S * 2 ** (attempt - 1))
+def _wait_resolved(future: futures.Future[Any]) -> None:
+    with contextlib.suppress(Exception):
+        future.result()

@@ -1,6 +1,7 @@
 """The worker's HTTP face: ``/metrics``, ``/healthz`` and ``/readyz`` (aiohttp).
 
-``/healthz`` answers while the event loop turns (the liveness probe);
+``/healthz`` answers 200 while the event loop turns and the worker can still
+work (the liveness probe), 503 once it cannot (its consumer gave up);
 ``/readyz`` answers 200 only while Triton is ready for every routed model and
 the consumer is pulling, and 503 with a JSON reason otherwise, for example
 during shutdown, so Kubernetes stops counting the pod as serving.
@@ -20,9 +21,16 @@ ReadinessCheck = Callable[[], Awaitable[str | None]]
 class HttpServer:
     """``start()`` binds the port, ``stop()`` releases it."""
 
-    def __init__(self, port: int, readiness: ReadinessCheck, before_scrape: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        port: int,
+        readiness: ReadinessCheck,
+        before_scrape: Callable[[], None],
+        liveness: Callable[[], str | None] = lambda: None,
+    ) -> None:
         self._port = port
         self._readiness = readiness
+        self._liveness = liveness
         self._before_scrape = before_scrape
         self._runner: web.AppRunner | None = None
         self.port = port
@@ -52,7 +60,10 @@ class HttpServer:
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _healthz(self, _: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
+        reason = self._liveness()
+        if reason is None:
+            return web.json_response({"status": "ok"})
+        return web.json_response({"status": "failed", "reason": reason}, status=503)
 
     async def _readyz(self, _: web.Request) -> web.Response:
         reason = await self._readiness()

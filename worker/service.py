@@ -4,8 +4,8 @@ Start order: HTTP server (so probes answer), Triton stream and catalog,
 storage, pipeline workers, and last the consumer, so nothing is pulled before
 it can be processed. Stop order, one guarded method:
 
-    stop pulling -> drain in-flight jobs within the grace period -> nack the unfinished
-    -> flush acks and close the subscriber -> close the Triton stream -> flush the results
+    stop taking messages -> drain in-flight jobs within the grace period -> nack the unfinished
+    -> wait for the acks to be sent and close the subscriber -> close the Triton stream -> flush the results
     topic -> close storage -> HTTP server
 
 Signals are not handled here; ``cli.py`` turns SIGTERM into ``request_stop()``.
@@ -60,8 +60,10 @@ class Worker:
             max_messages=settings.max_messages,
             max_bytes=settings.max_bytes,
             max_lease_duration_s=settings.max_lease_duration_s,
+            give_up_after_s=settings.pubsub_give_up_s,
+            on_give_up=self._consumer_gave_up,
         )
-        self.http = HttpServer(settings.http_port, self.readiness, self._before_scrape)
+        self.http = HttpServer(settings.http_port, self.readiness, self._before_scrape, self.liveness)
         self._stop_requested = asyncio.Event()
         self._stopping = False
         self._started = False
@@ -71,6 +73,21 @@ class Worker:
 
     def request_stop(self) -> None:
         self._stop_requested.set()
+
+    @property
+    def failure(self) -> str | None:
+        """Why the worker stopped on its own (the consumer gave up), else ``None``."""
+        return self.consumer.failure
+
+    def _consumer_gave_up(self, reason: str) -> None:
+        log.error("worker_exiting", reason=f"pubsub subscription failing: {reason}")
+        self.request_stop()
+
+    def liveness(self) -> str | None:
+        """``None`` while the worker can still do its work; a consumer that gave up cannot."""
+        if self.consumer.failure is not None:
+            return f"consumer gave up: {self.consumer.failure}"
+        return None
 
     async def readiness(self) -> str | None:
         if self._stopping or self._stop_requested.is_set():
@@ -160,7 +177,7 @@ class Worker:
         self._stopping = True
         grace = self.settings.shutdown_grace_s
         log.info("worker_stopping", in_flight=self.pipeline.in_flight, grace_s=grace)
-        # 1. Stop pulling: nothing new arrives; held messages stay held.
+        # 1. Stop taking work: what arrives now goes back at once; what was handed out stays leased.
         self.consumer.stop_pulling()
         # 2. Drain: let the workers finish what is queued and in flight, within the grace period.
         nacked = 0

@@ -399,12 +399,13 @@ class Stack:
 def provision_pubsub(settings: Settings, emulator_host: str | None = None, *, dead_letter: bool = True) -> None:
     """Create the jobs topic, dead-letter topic and subscription if missing (idempotent).
 
-    The subscription has a dead-letter policy and no retry policy: the worker
-    spaces redeliveries itself (it holds a nacked message for a backoff,
-    ``worker/consumer.py``), and Google's emulator, given both a retry and a
-    dead-letter policy, never redelivers a message whose holder died or whose
+    The subscription has a dead-letter policy and no retry policy, unlike the
+    production one (README, Deploy): Google's emulator, given both a retry and
+    a dead-letter policy, never redelivers a message whose holder died or whose
     stream closed (measured while writing the chaos scenarios), which would
-    turn every worker crash or restart into lost jobs in the tests.
+    turn every worker crash or restart into lost jobs in the tests. Without a
+    retry policy the worker paces redeliveries itself (a nacked message's
+    deadline is set to a backoff, ``worker/consumer.py``).
     ``dead_letter=False`` leaves the dead-letter policy off too, for the fault
     scenarios that stop workers: with one, the emulator also never redelivers a
     message orphaned twice (redelivered, then its second holder killed), nor

@@ -109,6 +109,18 @@ async def test_readyz_follows_triton_and_shutdown(make_settings: Callable[..., S
         assert await worker.readiness() == "shutting down"
 
 
+async def test_a_worker_whose_subscription_keeps_failing_gives_up(make_settings: Callable[..., Settings]) -> None:
+    from worker.service import Worker
+
+    settings = make_settings(pubsub_give_up_s=3.0)
+    missing = settings.model_copy(update={"subscription": settings.subscription + "-deleted"})
+    worker = Worker(missing)
+    # The worker ends on its own: the consumer retried NOT_FOUND for the window, then gave up.
+    await asyncio.wait_for(worker.run(), 120)
+    assert worker.failure is not None and "NOT_FOUND" in worker.failure
+    assert worker.liveness() == f"consumer gave up: {worker.failure}"
+
+
 def test_every_log_line_of_a_job_is_json_with_its_fields(
     stack: Stack, make_settings: Callable[..., Settings], tmp_path: Path
 ) -> None:
