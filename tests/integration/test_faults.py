@@ -18,25 +18,18 @@ import pytest
 
 from chaos import scenarios
 from chaos.harness import BAD_KINDS, MODEL, Report, verify_duplicate_detection
+from tests.integration.versioned import versioned_storage
 from worker.consumer import LEASE_EXTENSION_S
-from worker.stack import DEFAULT_MODEL_REPOSITORY, GcsEmulator, Stack, Triton, temporary_env
+from worker.stack import DEFAULT_MODEL_REPOSITORY, Stack, Triton
 
 pytestmark = pytest.mark.timeout(240)
 
 
 @pytest.fixture(scope="module")
 def stack(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """The session's Pub/Sub and Triton with a GCS emulator that keeps object versions, as ``make chaos`` runs.
-
-    The accounting counts object generations, which only the emulator's memory backend keeps.
-    """
-    gcs = GcsEmulator("gcs-versioned", tmp_path_factory.mktemp("faults-gcs"), backend="memory")
-    gcs.start()
-    try:
-        with temporary_env({"STORAGE_EMULATOR_HOST": gcs.url}):
-            yield stack.with_gcs(gcs)
-    finally:
-        gcs.stop()
+    """The session's stack with a versioning GCS emulator: the accounting counts generations."""
+    with versioned_storage(stack, tmp_path_factory.mktemp("faults-gcs")) as versioned:
+        yield versioned
 
 
 #: The bound issue 4 sets on the worker's peak RSS with a backlog.

@@ -9,6 +9,7 @@ really played (the proxy's counts).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,9 +17,17 @@ import pytest
 from chaos import pubsub_scenarios
 from chaos.harness import Report
 from chaos.pubsub_proxy import PubsubFaults
+from tests.integration.versioned import versioned_storage
 from worker.stack import Stack
 
 pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def stack(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """The session's stack with a versioning GCS emulator: the accounting counts generations."""
+    with versioned_storage(stack, tmp_path_factory.mktemp("pubsub-faults-gcs")) as versioned:
+        yield versioned
 
 
 def assert_clean(report: Report, jobs: int) -> None:
