@@ -262,7 +262,7 @@ async def backlog_run(lab: Lab, spec: RunSpec, attach: Callable[[int], Attached]
         after = await asyncio.to_thread(lab.triton_snapshot)
         with lab.progress.bar("read records", spec.jobs) as update:
             timings = await workload.read_timings(client, jobs, update)
-    return _figures(lab, spec, timings=timings, before=before, after=after, samples=samples, peak_rss_mb=peak_rss_mb)
+    return run_figures(lab, spec, timings=timings, before=before, after=after, samples=samples, peak_rss_mb=peak_rss_mb)
 
 
 async def paced_run(lab: Lab, spec: RunSpec, rate_per_s: float) -> RunFigures:
@@ -281,11 +281,13 @@ async def paced_run(lab: Lab, spec: RunSpec, rate_per_s: float) -> RunFigures:
         after = await asyncio.to_thread(lab.triton_snapshot)
         with lab.progress.bar("read records", spec.jobs) as update:
             timings = await workload.read_timings(client, jobs, update)
-    figures = _figures(lab, spec, timings=timings, before=before, after=after, samples=samples, peak_rss_mb=peak_rss_mb)
+    figures = run_figures(
+        lab, spec, timings=timings, before=before, after=after, samples=samples, peak_rss_mb=peak_rss_mb
+    )
     return dataclasses.replace(figures, rate_per_s=rate_per_s)
 
 
-def _figures(
+def run_figures(
     lab: Lab,
     spec: RunSpec,
     *,
@@ -295,6 +297,7 @@ def _figures(
     samples: Sequence[Sample],
     peak_rss_mb: float,
 ) -> RunFigures:
+    """A run's figures from its records, the worker's samples and Triton's counters before and after."""
     done = [t for t in timings if t.succeeded]
     if not done:
         raise WorkerFailed(f"{spec.name}: no job succeeded")
