@@ -42,6 +42,20 @@ NOTES = (
     "memory backend spends CPU per write in proportion to the objects already in the bucket, which real GCS does "
     "not, and one bucket of 4,000 objects made storage the bottleneck of the benchmark.",
     "peak_rss_mb: VmHWM of the worker process in the main run.",
+    "peer_jobs_per_s, peer_cpu_ms_per_job: bench/peer.py, the idiomatic peer (its own process): google-cloud-pubsub "
+    "subscribe() with FlowControl(max_messages=64) and 64 callback threads, one shared tritonclient.grpc client "
+    "doing blocking infer, one shared google-cloud-storage client (a connection pool of 64) for the read and the two "
+    "create-only writes (if_generation_match=0), Pillow decode and encode (JPEG quality 90). It writes the same "
+    "results and records as the worker, on a backlog of the same jobs and size as the main run, to output buckets "
+    "of its own; its throughput and CPU per job are measured as the worker's (CPU baseline: clients built, not yet "
+    "subscribed). speedup_vs_peer = e2e_jobs_per_s / peer_jobs_per_s; worker_cpu_vs_peer = worker_cpu_ms_per_job / "
+    "peer_cpu_ms_per_job.",
+    "e2e_vs_machine_ceiling = e2e_jobs_per_s / ceiling_machine_cpu_jobs_per_s: how close the worker comes to what "
+    "the machine's cores allow with every process of the job on them.",
+    "profiles.fast (rows marked fast:): a second stack whose sim_gpu sleeps 4 ms + 0.1 ms/image per batch with four "
+    "model instances (a fast GPU overlaps executions, and one Python-backend instance would add its own per-execution "
+    "overhead in series); it runs the ceilings, the low rate, the main backlog, the peer and saturation only, with "
+    "the sizes of options.FAST_SIZES; its low-rate floor takes the main profile's image-work floor.",
     "redelivered: copies of jobs already finished that the worker was handed again during the main run, "
     "found done by their record and acked (the worker's duplicate count): the emulator ignores the stream's "
     "flow control, and messages it pushed while the worker was not reading expire and come back. Their CPU is "
