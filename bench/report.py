@@ -99,6 +99,7 @@ def rows(doc: Mapping[str, Any]) -> list[tuple[str, str, str]]:
             "",
         ),
         ("backlog service_ms p50/p95/p99 (pull to ack)", fmt_latency(doc.get("service_ms")), ""),
+        *limit_rows(doc),
         (
             f"low_rate_latency_ms p50/p95/p99 (at {fmt(doc.get('low_rate_per_s'), 0)}/s)",
             fmt_latency(doc.get("low_rate_latency_ms")),
@@ -185,6 +186,27 @@ def peer_rows(doc: Mapping[str, Any], figures: Mapping[str, Any], path: str = ""
     ]
 
 
+def limit_rows(figures: Mapping[str, Any]) -> list[tuple[str, str, str]]:
+    """What held one profile's main run back: jobs in flight against the limit, the event loop's share of a core."""
+    limit = (figures.get("worker_settings") or {}).get("max_in_flight")
+    triton = lookup(figures, "runs.main.triton_ms") or {}
+    infer = lookup(figures, "runs.main.stages_ms.infer")
+    return [
+        (f"jobs in flight by Little's law (limit {limit})", fmt(figures.get("littles_law_in_flight"), 1), ""),
+        ("event loop CPU share of one core (main run)", fmt(figures.get("event_loop_core_share")), ""),
+        (
+            "event loop share of the run: running / runnable, waiting for a CPU",
+            " / ".join(fmt(lookup(figures, f"runs.main.event_loop_share.{k}")) for k in ("running", "waiting_for_cpu")),
+            "",
+        ),
+        (
+            "infer stage ms; in Triton: in all / queued / computing (main run, mean per request)",
+            f"{fmt(infer, 1)}; " + " / ".join(fmt(triton.get(k), 1) for k in ("request", "queue", "compute")),
+            "",
+        ),
+    ]
+
+
 def fast_rows(doc: Mapping[str, Any]) -> list[tuple[str, str, str]]:
     """The second profile's key figures, ``fast:`` before each."""
     fast = lookup(doc, "profiles.fast")
@@ -218,6 +240,7 @@ def fast_rows(doc: Mapping[str, Any]) -> list[tuple[str, str, str]]:
             "",
         ),
         ("backlog service_ms p50/p95/p99 (pull to ack)", fmt_latency(fast.get("service_ms")), ""),
+        *limit_rows(fast),
         (
             f"low_rate_latency_ms p50/p95/p99 (floor {fmt(fast.get('low_rate_floor_ms'))})",
             fmt_latency(fast.get("low_rate_latency_ms")),

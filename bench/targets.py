@@ -69,6 +69,13 @@ def derive_profile(doc: dict[str, Any]) -> None:
     doc["speedup_vs_peer"] = ratio(e2e, doc.get("peer_jobs_per_s"))
     doc["worker_cpu_vs_peer"] = ratio(doc.get("worker_cpu_ms_per_job"), doc.get("peer_cpu_ms_per_job"))
     doc["e2e_vs_machine_ceiling"] = ratio(e2e, doc.get("ceiling_machine_cpu_jobs_per_s"))
+    # What held the main run back: Little's law gives the jobs in flight on average (throughput x time
+    # from pull to record), to set against the in-flight limit; the event loop's CPU per job times the
+    # throughput, the share of one core the loop was running (near 1: the loop is the limit).
+    service_mean_ms = lookup(doc, "service_ms.mean")
+    doc["littles_law_in_flight"] = round(e2e * service_mean_ms / 1000, 1) if e2e and service_mean_ms else None
+    loop_ms = lookup(doc, "worker_thread_cpu_ms_per_job.event_loop")
+    doc["event_loop_core_share"] = round(e2e * loop_ms / 1000, 2) if e2e and loop_ms is not None else None
     doc["overhead_ratio"] = ratio(doc.get("worker_cpu_ms_per_job"), doc.get("floor_cpu_ms_per_job"))
     ceilings: dict[str, float] = {name: float(doc[key]) for name, key in CEILINGS.items() if doc.get(key)}
     if ceilings:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 from types import SimpleNamespace
 from typing import Any
 
@@ -67,6 +68,19 @@ def test_triton_counts_average_batch() -> None:
     assert after == stats.TritonCounts(2000, 160)
     assert (after - before).avg_batch == 12.5
     assert stats.TritonCounts(0, 0).avg_batch is None
+    assert stats.TritonCounts(0, 0).mean_ms() == {}
+
+
+def test_triton_times_per_request_between_two_scrapes() -> None:
+    durations = (
+        'nv_inference_request_duration_us{model="sim_gpu",version="1"} 900000\n'
+        'nv_inference_queue_duration_us{model="sim_gpu",version="1"} 100000\n'
+        'nv_inference_compute_infer_duration_us{model="sim_gpu",version="1"} 700000\n'
+        'nv_inference_queue_duration_us{model="sim_gpu_other",version="1"} 5\n'
+    )
+    before = stats.TritonCounts(1000, 100, 400_000, 50_000, 300_000)
+    after = stats.TritonCounts.parse(TRITON_METRICS + durations, "sim_gpu")
+    assert (after - before).mean_ms() == {"request": 0.5, "queue": 0.05, "compute": 0.4}
 
 
 def test_batch_histogram_and_delta() -> None:
@@ -232,7 +246,15 @@ def fast_profile() -> dict[str, Any]:
         "ceiling_machine_cpu_jobs_per_s": 450.0,
         "low_rate_latency_ms": {"p50": 55.0, "p95": 70.0, "p99": 80.0},
         "pubsub_delivery_ms": {"p50": 25.0, "p95": 48.0, "p99": 50.0},
-        "runs": {"main": {"stages_ms": {"fetch": 3.0, "infer": 9.5}}},
+        "runs": {
+            "main": {
+                "stages_ms": {"fetch": 3.0, "infer": 9.5},
+                "triton_ms": {"request": 7.4, "queue": 1.5, "compute": 5.0},
+            }
+        },
+        "service_ms": {"p50": 150.0, "p95": 200.0, "p99": 250.0, "mean": 160.0},
+        "worker_thread_cpu_ms_per_job": {"event_loop": 2.2, "python_threads": 0.1, "native_threads": 0.1},
+        "worker_settings": {"max_in_flight": 64, "max_messages": 64},
         "errors": {},
     }
 
@@ -244,6 +266,8 @@ def test_derive_the_fast_profile_as_the_main_one_and_check_its_targets() -> None
     assert fast["e2e_vs_machine_ceiling"] == 0.8
     assert (fast["speedup_vs_peer"], fast["worker_cpu_vs_peer"]) == (2.4, 0.4)
     assert (fast["slowest_ceiling"], fast["e2e_vs_ceiling"]) == ("storage", 0.72)
+    assert fast["littles_law_in_flight"] == 57.6  # 360 jobs/s x 0.16 s
+    assert fast["event_loop_core_share"] == 0.79  # 360 jobs/s x 2.2 ms
     # image work 1.5 + a batch of one 4.1 + no queue delay given + delivery 25; the target 25 ms above
     assert (fast["low_rate_floor_ms"], fast["low_rate_target_ms"]) == (30.6, 55.6)
     met = {t["figure"]: t["met"] for t in doc["targets"]}
@@ -265,6 +289,8 @@ def test_the_table_shows_the_fast_profile_and_the_peer() -> None:
     assert "| fast: speedup_vs_peer" in table and ">= 3.00 (MISSED)" in table
     assert "| speedup_vs_peer" in table and ">= 1.15 (met)" in table
     assert "3.00 / 6.00 (0.50)" in table
+    assert "| fast: jobs in flight by Little's law (limit 64)" in table
+    assert "| 9.5; 7.4 / 1.5 / 5.0 " in table
     assert "| fast main | 3.0 | 9.5 |" in report.markdown(doc, None)
     assert "| fast:" not in report.table(targets.derive(measured_doc()))
 
@@ -401,3 +427,31 @@ def test_cpu_baseline_is_the_last_sample_before_the_first_message() -> None:
     samples = [sample(0, 0, 1.2), sample(0, 0, 1.5), sample(64, 0, 1.6), sample(64, 10, 1.9)]
     assert baseline_sample(samples) is samples[1]
     assert baseline_sample([sample(64, 0, 1.6)]) is None
+
+
+def test_schedstat_is_time_running_and_time_waiting_for_a_cpu() -> None:
+    assert procstat.parse_schedstat("242131094 4409899019 802\n") == (0.242131094, 4.409899019)
+    running, waiting = procstat.schedstat_seconds(os.getpid())
+    assert running > 0 and waiting >= 0
+
+
+def test_event_loop_share_of_the_run_from_the_baseline_to_the_last_sample() -> None:
+    def sample(at: float, busy: float, done: float, sched: tuple[float, float]) -> Sample:
+        return Sample(at=at, done=done, busy=busy, nacked=0.0, cpu_s=1.0, loop_sched_s=sched)
+
+    done = JobResult(
+        job_id="a", status=JobResult.SUCCEEDED, finished_at="2026-01-01T00:00:10Z", timings_ms={"infer": 9}
+    )
+    timings = [JobTiming.of(done)]
+    snapshot = TritonSnapshot(stats.TritonCounts(0, 0), {}, {})
+    samples = [sample(0.0, 0, 0, (0.5, 0.1)), sample(1.0, 0, 0, (0.6, 0.1)), sample(5.0, 0, 1, (3.6, 1.3))]
+    figures = runs.run_figures(
+        SimpleNamespace(startup_cpu_s=None),  # type: ignore[arg-type]
+        runs.RunSpec("main", 1, 256),
+        timings=timings,
+        before=snapshot,
+        after=snapshot,
+        samples=samples,
+        peak_rss_mb=100.0,
+    )
+    assert figures.event_loop_share == {"running": 0.75, "waiting_for_cpu": 0.3}
