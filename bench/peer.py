@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import logging
 import sys
 import threading
 import time
@@ -55,6 +56,8 @@ HELD = 64
 REPORT_INTERVAL_S = 0.5
 #: The simulated GPU's tensors (the user knows their model's names).
 INPUT_NAME, OUTPUT_NAME = "image", "output"
+
+log = logging.getLogger("bench.peer")
 
 
 class Peer:
@@ -94,9 +97,11 @@ class Peer:
         try:
             fresh = self._process(message)
         except PermanentJobError:
-            message.ack()  # bad input never succeeds: drop it (the benchmark publishes none)
+            log.warning("bad job dropped: %s", message.message_id)
+            message.ack()  # bad input never succeeds (the benchmark publishes none)
             return
-        except Exception:  # noqa: BLE001 - anything else is worth another try: redeliver
+        except Exception:  # anything else is worth another try: logged (with its traceback), redelivered
+            log.exception("job failed, nacked: %s", message.message_id)
             message.nack()
             return
         message.ack()
@@ -183,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gcs-url", required=True, help="the GCS endpoint (the emulator's URL)")
     parser.add_argument("--jobs", type=int, required=True, help="jobs to finish before reporting finished")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     peer = Peer(args.project, args.triton_url, args.gcs_url, args.jobs)
     print("ready", flush=True)
     sys.stdin.readline()
