@@ -76,9 +76,10 @@ class Peer:
         )
         self._triton = triton_grpc.InferenceServerClient(triton_url)
         self._subscriber = pubsub_v1.SubscriberClient()
-        self._lock = threading.Lock()
+        self._changed = threading.Condition()
         self._wanted = jobs_wanted
         self.done = 0
+        self.duplicates = 0  # deliveries of jobs an earlier delivery had finished, acked
         self.finished = threading.Event()
 
     def subscribe(self, subscription: str) -> pubsub_v1.subscriber.futures.StreamingPullFuture:
@@ -105,11 +106,19 @@ class Peer:
             message.nack()
             return
         message.ack()
-        if fresh:
-            with self._lock:
+        with self._changed:
+            if fresh:
                 self.done += 1
-                if self.done >= self._wanted:
-                    self.finished.set()
+            else:
+                self.duplicates += 1
+            if self.done >= self._wanted:
+                self.finished.set()
+            self._changed.notify_all()
+
+    def wait_for_duplicates(self, count: int, timeout_s: float) -> bool:
+        """Wait until ``count`` duplicate deliveries have been acked; ``False`` on timeout."""
+        with self._changed:
+            return self._changed.wait_for(lambda: self.duplicates >= count, timeout_s)
 
     def _process(self, message: pubsub_v1.subscriber.message.Message) -> bool:
         """One job, start to end; ``False`` if an earlier delivery had finished it."""

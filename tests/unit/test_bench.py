@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from bench import plot, procstat, profiler, report, runs, stats, targets
+from bench import options, plot, procstat, profiler, report, runs, stats, targets
 from bench.runs import TritonSnapshot
 from bench.sim_model import MODEL_NAME, REPOSITORY, SimProfile, read_config, with_profile
 from bench.worker_proc import Sample, baseline_sample
@@ -455,3 +455,13 @@ def test_event_loop_share_of_the_run_from_the_baseline_to_the_last_sample() -> N
         peak_rss_mb=100.0,
     )
     assert figures.event_loop_share == {"running": 0.75, "waiting_for_cpu": 0.3}
+
+
+def test_options_run_the_fast_profile_unless_told_not_to() -> None:
+    opts = options.parse([])
+    assert opts.fast_profile == SimProfile(4.0, 0.1, 4)
+    assert (opts.fast_sizes.jobs, opts.fast_sizes.ceiling_jobs) == (opts.sizes.jobs, 1000)
+    quick = options.parse(["--quick", "--jobs", "120"])
+    assert (quick.sizes.jobs, quick.fast_sizes.jobs) == (120, 120)
+    assert options.parse(["--fast-profile", "none"]).fast_profile is None
+    assert options.parse(["--fast-profile", "2+0.05x8"]).fast_profile == SimProfile(2.0, 0.05, 8)
