@@ -21,6 +21,7 @@ Modules, one concern each:
 | ``naive.py`` | the naive one-message-at-a-time worker |
 | ``peer.py`` | the idiomatic peer: Google's and NVIDIA's clients on callback threads |
 | ``peer_run.py`` | the peer as a subprocess on a backlog, reduced to a run's figures |
+| ``limits.py`` | ``python -m bench.limits``: the fast profile's levers, one at a time, in rounds |
 | ``ceilings.py`` | Triton, storage and Pub/Sub alone |
 | ``targets.py`` | the derived figures of each profile and the targets |
 | ``document.py`` | the shape of ``bench.json``: each profile's figures, the main one on top |

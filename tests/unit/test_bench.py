@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from bench import options, plot, procstat, profiler, report, runs, stats, targets
+from bench import limits, options, plot, procstat, profiler, report, runs, stats, targets
 from bench.runs import TritonSnapshot
 from bench.sim_model import MODEL_NAME, REPOSITORY, SimProfile, read_config, with_profile
 from bench.worker_proc import Sample, baseline_sample
@@ -465,3 +465,29 @@ def test_options_run_the_fast_profile_unless_told_not_to() -> None:
     assert (quick.sizes.jobs, quick.fast_sizes.jobs) == (120, 120)
     assert options.parse(["--fast-profile", "none"]).fast_profile is None
     assert options.parse(["--fast-profile", "2+0.05x8"]).fast_profile == SimProfile(2.0, 0.05, 8)
+
+
+def test_limits_summary_lists_every_round_of_every_variant() -> None:
+    snapshot = TritonSnapshot(stats.TritonCounts(0, 0), {}, {})
+    done = JobResult(
+        job_id="a", status=JobResult.SUCCEEDED, finished_at="2026-01-01T00:00:10Z", timings_ms={"infer": 500}
+    )
+    figures = runs.run_figures(
+        SimpleNamespace(startup_cpu_s=None),  # type: ignore[arg-type]
+        runs.RunSpec("main", 1, 256),
+        timings=[JobTiming.of(done)],
+        before=snapshot,
+        after=snapshot,
+        samples=[Sample(at=0.0, done=0, busy=0, nacked=0, cpu_s=1.0, loop_sched_s=(0.0, 0.0))],
+        peak_rss_mb=100.0,
+    )
+    row = limits.figures_of(figures)
+    assert (row["jobs_per_s"], row["littles_law_in_flight"], row["infer_stage_ms"]) == (2.0, 1.0, 500.0)
+    text = limits.summary(
+        {
+            "as is": [row, row],
+            limits.TWO_PROCESSES: [{"jobs_per_s": 3.0, "cpu_ms_per_job": 2.5, "littles_law_in_flight": 9.0}],
+        }
+    )
+    assert "| as is | 2.0, 2.0 |" in text
+    assert "| two processes | 3.0 | 2.5 | None | 9.0 | None / None |" in text
