@@ -1,4 +1,10 @@
-"""The command line of ``python -m bench`` and the sizes of a run (full, or ``--quick`` for development)."""
+"""The command line of ``python -m bench`` and the sizes of a run (full, or ``--quick`` for development).
+
+A run measures two simulated GPUs, each on its own stack: the main profile (T4-like,
+every phase) and the fast one (a few milliseconds per batch, where the worker rather
+than the GPU sets the pace), which runs only the phases its figures need, with
+``FAST_SIZES``.
+"""
 
 from __future__ import annotations
 
@@ -49,11 +55,20 @@ QUICK = Sizes(
 )
 
 
+#: The fast profile's sizes: only ceilings, low rate, the main backlog, the peer and saturation run there.
+FAST_SIZES = dataclasses.replace(FULL, ceiling_jobs=1000, low_rate_jobs=50, delivery_probes=50, saturation_s=10.0)
+FAST_QUICK = QUICK
+#: The fast profile: 4 ms + 0.1 ms per image, four instances (a fast GPU overlaps executions).
+FAST_PROFILE = "4+0.1x4"
+
+
 @dataclass(frozen=True)
 class Options:
     sizes: Sizes
     quick: bool
     profile: SimProfile
+    fast_profile: SimProfile | None  # None: the main profile only
+    fast_sizes: Sizes
     out_dir: Path
     state_dir: Path
     py_spy: bool
@@ -72,19 +87,27 @@ def parse(argv: Sequence[str] | None = None) -> Options:
         default=os.environ.get(PROFILE_ENV, "60+1"),
         help=f"simulated GPU time per batch, FIXED_MS+PER_IMAGE_MS (default 60+1, or ${PROFILE_ENV})",
     )
+    parser.add_argument(
+        "--fast-profile",
+        default=FAST_PROFILE,
+        help=f"the second simulated GPU, FIXED_MS+PER_IMAGE_MS[xINSTANCES] (default {FAST_PROFILE}); none: skip it",
+    )
     parser.add_argument("--out", type=Path, default=Path("build"), help="folder of bench.json, bench.md, bench.png")
     parser.add_argument("--state-dir", type=Path, default=Path("build/bench-state"), help="stack state and logs")
     parser.add_argument(
         "--py-spy", action="store_true", help="profile the worker with py-spy during the main run (perturbs it)"
     )
     args = parser.parse_args(argv)
-    sizes = QUICK if args.quick else FULL
+    sizes, fast_sizes = (QUICK, FAST_QUICK) if args.quick else (FULL, FAST_SIZES)
     if args.jobs:
         sizes = dataclasses.replace(sizes, jobs=args.jobs)
+        fast_sizes = dataclasses.replace(fast_sizes, jobs=args.jobs)
     return Options(
         sizes=sizes,
         quick=args.quick,
         profile=SimProfile.parse(args.sim_profile),
+        fast_profile=None if args.fast_profile == "none" else SimProfile.parse(args.fast_profile),
+        fast_sizes=fast_sizes,
         out_dir=args.out.resolve(),
         state_dir=args.state_dir.resolve(),
         py_spy=args.py_spy,

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -64,3 +65,15 @@ def render(limits: Sequence[int], throughput: Sequence[float], p99_ms: Sequence[
     out = io.BytesIO()
     image.save(out, "PNG")
     return out.getvalue()
+
+
+def sweep_png(sweep: Sequence[Mapping[str, Any]], title: str) -> bytes | None:
+    """The plot of the sweep's points (``bench.json``'s ``sweep``); ``None`` without any."""
+    if not sweep:
+        return None
+    return render(
+        [p["max_in_flight"] for p in sweep],
+        [p["jobs_per_s"] for p in sweep],
+        [(p.get("service_ms") or {}).get("p99", 0.0) for p in sweep],
+        title,
+    )

@@ -4,7 +4,10 @@
 fields 14 and 15, in clock ticks); ``thread_cpu_seconds`` splits it by thread
 (``/proc/<pid>/task``) into the worker's event loop, its other Python threads and
 native threads; ``peak_rss_bytes`` is ``VmHWM``, the high-water mark of its resident
-set. The parsers are pure and take the files' text.
+set; ``schedstat_seconds`` is the main thread's (the worker's event loop) time on a
+CPU and time runnable but waiting for one (``/proc/<pid>/schedstat``), which tells
+a loop that is busy from a loop that is starved by the other processes on the cores.
+The parsers are pure and take the files' text.
 """
 
 from __future__ import annotations
@@ -73,6 +76,20 @@ def group_cpu_seconds(pgid: int) -> float:
         if parse_pgid(stat) == pgid:
             total += parse_cpu_seconds(stat)
     return total
+
+
+def parse_schedstat(text: str) -> tuple[float, float]:
+    """Seconds on a CPU and seconds runnable but waiting for one, from ``/proc/<pid>/schedstat`` (ns)."""
+    running_ns, waiting_ns = text.split()[:2]
+    return int(running_ns) / 1e9, int(waiting_ns) / 1e9
+
+
+def schedstat_seconds(pid: int) -> tuple[float, float]:
+    """``parse_schedstat`` of the main thread of ``pid``; ``(0, 0)`` where the kernel keeps no such file."""
+    try:
+        return parse_schedstat(Path(f"/proc/{pid}/schedstat").read_text())
+    except FileNotFoundError:
+        return 0.0, 0.0
 
 
 def cpu_seconds(pid: int) -> float:

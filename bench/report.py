@@ -1,9 +1,8 @@
-"""The report: derived figures, the targets of issue 7, ``bench.json`` and ``bench.md``.
+"""The report: ``bench.json``, ``bench.md`` and the summary table, from the figures ``bench.targets`` derived.
 
-``run.py`` collects the measured figures into one document (a plain dict, the
-shape of ``bench.json``); ``derive`` adds the ratios and the target checks;
 ``markdown`` renders the readable report and ``table`` the summary printed at
-the end of ``python -m bench``. Everything here is pure except ``write``.
+the end of ``python -m bench`` (the main profile's rows, then the fast profile's,
+marked ``fast:``). Everything here is pure except ``write``.
 """
 
 from __future__ import annotations
@@ -14,106 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.procstat import THREAD_GROUPS
-
-#: The issue's targets: figure, comparison, bound (a number, or a figure's name).
-TARGETS: tuple[tuple[str, str, str], ...] = (
-    ("speedup_vs_naive", ">=", "8"),
-    ("e2e_vs_ceiling", ">=", "0.8"),
-    ("avg_batch_size", ">=", "half_max_batch_size"),
-    ("overhead_ratio", "<=", "1.5"),
-    ("low_rate_latency_ms.p50", "<=", "low_rate_target_ms"),
-    ("large.shm_cpu_cut", ">=", "0.3"),
-    ("emulators.gcs_steady", ">=", "0.8"),
-    ("emulators.pubsub_steady", ">=", "0.8"),
-)
-#: Headroom of the low-rate latency target over the latency floor (``low_rate_floor_parts``), in ms.
-LOW_RATE_SLACK_MS = 25.0
-CEILINGS = {
-    "infer": "ceiling_infer_per_s",
-    "storage": "ceiling_storage_jobs_per_s",
-    "pubsub": "ceiling_pubsub_msgs_per_s",
-}
-
-
-def lookup(doc: Mapping[str, Any], path: str) -> Any:
-    """``doc["a"]["b"]`` for ``"a.b"``; ``None`` where any part is missing or null."""
-    value: Any = doc
-    for part in path.split("."):
-        if not isinstance(value, Mapping) or value.get(part) is None:
-            return None
-        value = value[part]
-    return value
-
-
-def ratio(numerator: float | None, denominator: float | None, digits: int = 2) -> float | None:
-    if numerator is None or not denominator:
-        return None
-    return round(numerator / denominator, digits)
-
-
-def derive(doc: dict[str, Any]) -> dict[str, Any]:
-    """Add the ratios and the target checks to the measured figures (returns the same dict)."""
-    doc["speedup_vs_naive"] = ratio(doc.get("e2e_jobs_per_s"), doc.get("naive_jobs_per_s"))
-    doc["overhead_ratio"] = ratio(doc.get("worker_cpu_ms_per_job"), doc.get("floor_cpu_ms_per_job"))
-    ceilings: dict[str, float] = {name: float(doc[key]) for name, key in CEILINGS.items() if doc.get(key)}
-    if ceilings:
-        slowest = min(ceilings, key=lambda name: ceilings[name])
-        doc["slowest_ceiling"] = slowest
-        doc["e2e_vs_ceiling"] = ratio(doc.get("e2e_jobs_per_s"), ceilings[slowest])
-    else:
-        doc["slowest_ceiling"] = doc["e2e_vs_ceiling"] = None
-    max_batch = doc.get("max_batch_size")
-    doc["half_max_batch_size"] = max_batch / 2 if max_batch else None
-    sim = doc.get("sim_profile", {})
-    if doc.get("floor_cpu_ms_per_job") is not None and sim:
-        parts = low_rate_floor_parts(doc["floor_cpu_ms_per_job"], sim, lookup(doc, "pubsub_delivery_ms.p50"))
-        doc["low_rate_floor_parts_ms"] = parts
-        doc["low_rate_floor_ms"] = round(sum(parts.values()), 2)
-        doc["low_rate_target_ms"] = round(doc["low_rate_floor_ms"] + LOW_RATE_SLACK_MS, 2)
-    large = doc.get("large")
-    if isinstance(large, dict):
-        payload, shm = large.get("payload_cpu_ms_per_job"), large.get("shm_cpu_ms_per_job")
-        large["shm_cpu_cut"] = round(1 - shm / payload, 3) if payload and shm is not None else None
-        for variant in ("payload", "shm"):  # not a target: the same ratio where the image work is larger
-            large[f"{variant}_overhead_ratio"] = ratio(
-                large.get(f"{variant}_cpu_ms_per_job"), large.get("floor_cpu_ms_per_job")
-            )
-    probes = doc.get("emulators")
-    if isinstance(probes, dict) and "start" in probes and "end" in probes:
-        for name, key in (("gcs", "gcs_uploads_per_s"), ("pubsub", "pubsub_round_trip_msgs_per_s")):
-            rates = (probes["start"].get(key), probes["end"].get(key))
-            probes[f"{name}_steady"] = ratio(min(rates), max(rates), 3) if None not in rates else None
-    doc["targets"] = [check(doc, *target) for target in TARGETS]
-    return doc
-
-
-def low_rate_floor_parts(
-    floor_cpu_ms: float, sim: Mapping[str, float], delivery_p50_ms: float | None
-) -> dict[str, float]:
-    """What one job must wait for on a quiet system, whatever the worker does, in ms.
-
-    The image work, one batch-of-1 execution, the model's queue delay (Triton holds a lone
-    request that long hoping for company) and Pub/Sub's own delivery, measured alone in the
-    same run (the emulator's streaming pull polls its backlog every 50 ms: ~25 ms on average,
-    before any worker sees the message). No delivery measured: the stricter floor without it.
-    """
-    return {
-        "image_work": floor_cpu_ms,
-        "model_execution": sim["fixed_ms"] + sim["per_image_ms"],
-        "queue_delay": sim.get("queue_delay_ms", 0.0),
-        "pubsub_delivery": delivery_p50_ms or 0.0,
-    }
-
-
-def check(doc: Mapping[str, Any], figure: str, op: str, bound: str) -> dict[str, Any]:
-    """One target: its figure's value, the bound's value, and whether it is met (``None``: not measured)."""
-    value = lookup(doc, figure)
-    try:
-        limit: float | None = float(bound)
-    except ValueError:
-        limit = lookup(doc, bound)
-    met = None if value is None or limit is None else (value >= limit if op == ">=" else value <= limit)
-    return {"figure": figure, "op": op, "bound": bound, "limit": limit, "value": value, "met": met}
+from bench.targets import CEILINGS, lookup
 
 
 def fmt(value: Any, digits: int = 2) -> str:
@@ -184,6 +84,7 @@ def rows(doc: Mapping[str, Any]) -> list[tuple[str, str, str]]:
         (f"e2e_jobs_per_s ({doc.get('jobs')} jobs, {size} px, backlog)", fmt(doc.get("e2e_jobs_per_s")), ""),
         (f"naive_jobs_per_s ({doc.get('naive_jobs')} jobs)", fmt(doc.get("naive_jobs_per_s")), ""),
         ("speedup_vs_naive", fmt(doc.get("speedup_vs_naive")), _target_text(doc, "speedup_vs_naive")),
+        *peer_rows(doc, doc),
         ("worker_cpu_ms_per_job", fmt(doc.get("worker_cpu_ms_per_job")), ""),
         ("floor_cpu_ms_per_job", fmt(doc.get("floor_cpu_ms_per_job")), ""),
         ("overhead_ratio", fmt(doc.get("overhead_ratio")), _target_text(doc, "overhead_ratio")),
@@ -198,6 +99,7 @@ def rows(doc: Mapping[str, Any]) -> list[tuple[str, str, str]]:
             "",
         ),
         ("backlog service_ms p50/p95/p99 (pull to ack)", fmt_latency(doc.get("service_ms")), ""),
+        *limit_rows(doc),
         (
             f"low_rate_latency_ms p50/p95/p99 (at {fmt(doc.get('low_rate_per_s'), 0)}/s)",
             fmt_latency(doc.get("low_rate_latency_ms")),
@@ -229,6 +131,7 @@ def rows(doc: Mapping[str, Any]) -> list[tuple[str, str, str]]:
             "",
         ),
         ("ceiling_machine_cpu_jobs_per_s (CPUs / that)", fmt(doc.get("ceiling_machine_cpu_jobs_per_s")), ""),
+        ("e2e_vs_machine_ceiling", fmt(doc.get("e2e_vs_machine_ceiling")), ""),
         (f"worker CPU ms/job by thread ({THREADS_TEXT})", _threads_text(doc.get("worker_thread_cpu_ms_per_job")), ""),
         ("peak_rss_mb", fmt(doc.get("peak_rss_mb"), 1), ""),
         ("redelivered copies in the main run (emulator churn)", fmt(doc.get("redelivered")), ""),
@@ -252,6 +155,11 @@ def rows(doc: Mapping[str, Any]) -> list[tuple[str, str, str]]:
         ),
         ("shared-memory CPU cut", fmt(large.get("shm_cpu_cut"), 3), _target_text(doc, "large.shm_cpu_cut")),
         (
+            f"{large.get('image_px', 1024)} px shm overhead ratio",
+            fmt(large.get("shm_overhead_ratio")),
+            _target_text(doc, "large.shm_overhead_ratio"),
+        ),
+        (
             f"stream / unary jobs_per_s ({modes.get('jobs')} jobs)",
             f"{fmt(modes.get('stream_jobs_per_s'))} / {fmt(modes.get('unary_jobs_per_s'))}",
             "",
@@ -259,10 +167,93 @@ def rows(doc: Mapping[str, Any]) -> list[tuple[str, str, str]]:
     ]
 
 
+def peer_rows(doc: Mapping[str, Any], figures: Mapping[str, Any], path: str = "") -> list[tuple[str, str, str]]:
+    """The idiomatic peer against the worker, for one profile's ``figures`` (at ``path`` in ``doc``)."""
+    return [
+        (f"peer_jobs_per_s ({figures.get('jobs')} jobs)", fmt(figures.get("peer_jobs_per_s")), ""),
+        ("speedup_vs_peer", fmt(figures.get("speedup_vs_peer")), _target_text(doc, f"{path}speedup_vs_peer")),
+        (
+            "worker / peer CPU ms per job (ratio)",
+            f"{fmt(figures.get('worker_cpu_ms_per_job'))} / {fmt(figures.get('peer_cpu_ms_per_job'))} "
+            f"({fmt(figures.get('worker_cpu_vs_peer'))})",
+            _target_text(doc, f"{path}worker_cpu_vs_peer"),
+        ),
+        (
+            "worker / peer avg batch size",
+            f"{fmt(figures.get('avg_batch_size'))} / {fmt(figures.get('peer_avg_batch_size'))}",
+            "",
+        ),
+    ]
+
+
+def limit_rows(figures: Mapping[str, Any]) -> list[tuple[str, str, str]]:
+    """What held one profile's main run back: jobs in flight against the limit, the event loop's share of a core."""
+    limit = (figures.get("worker_settings") or {}).get("max_in_flight")
+    triton = lookup(figures, "runs.main.triton_ms") or {}
+    infer = lookup(figures, "runs.main.stages_ms.infer")
+    return [
+        (f"jobs in flight by Little's law (limit {limit})", fmt(figures.get("littles_law_in_flight"), 1), ""),
+        ("event loop CPU share of one core (main run)", fmt(figures.get("event_loop_core_share")), ""),
+        (
+            "event loop share of the run: running / runnable, waiting for a CPU",
+            " / ".join(fmt(lookup(figures, f"runs.main.event_loop_share.{k}")) for k in ("running", "waiting_for_cpu")),
+            "",
+        ),
+        (
+            "infer stage ms; in Triton: in all / queued / computing (main run, mean per request)",
+            f"{fmt(infer, 1)}; " + " / ".join(fmt(triton.get(k), 1) for k in ("request", "queue", "compute")),
+            "",
+        ),
+    ]
+
+
+def fast_rows(doc: Mapping[str, Any]) -> list[tuple[str, str, str]]:
+    """The second profile's key figures, ``fast:`` before each."""
+    fast = lookup(doc, "profiles.fast")
+    if not fast:
+        return []
+    path = "profiles.fast."
+    rows = [
+        ("simulated GPU profile", (fast.get("sim_profile") or {}).get("text", "n/a"), ""),
+        (
+            f"e2e_jobs_per_s ({fast.get('jobs')} jobs, {fast.get('image_px')} px, backlog)",
+            fmt(fast.get("e2e_jobs_per_s")),
+            "",
+        ),
+        *peer_rows(doc, fast, path),
+        ("ceilings infer / storage / pubsub", " / ".join(fmt(fast.get(key)) for key in CEILINGS.values()), ""),
+        (f"e2e_vs_ceiling (slowest: {fast.get('slowest_ceiling')})", fmt(fast.get("e2e_vs_ceiling")), ""),
+        (
+            "ceiling_machine_cpu_jobs_per_s (machine CPU ms/job)",
+            f"{fmt(fast.get('ceiling_machine_cpu_jobs_per_s'))} ({fmt(fast.get('machine_cpu_ms_per_job'))})",
+            "",
+        ),
+        (
+            "e2e_vs_machine_ceiling",
+            fmt(fast.get("e2e_vs_machine_ceiling")),
+            _target_text(doc, f"{path}e2e_vs_machine_ceiling"),
+        ),
+        (f"worker CPU ms/job by thread ({THREADS_TEXT})", _threads_text(fast.get("worker_thread_cpu_ms_per_job")), ""),
+        (
+            f"latency_ms p50/p95/p99 (paced at {fmt(fast.get('latency_rate_per_s'), 0)}/s)",
+            fmt_latency(fast.get("latency_ms")),
+            "",
+        ),
+        ("backlog service_ms p50/p95/p99 (pull to ack)", fmt_latency(fast.get("service_ms")), ""),
+        *limit_rows(fast),
+        (
+            f"low_rate_latency_ms p50/p95/p99 (floor {fmt(fast.get('low_rate_floor_ms'))})",
+            fmt_latency(fast.get("low_rate_latency_ms")),
+            f"p50 {_target_text(doc, f'{path}low_rate_latency_ms.p50')}",
+        ),
+    ]
+    return [(f"fast: {name}", value, target) for name, value, target in rows]
+
+
 def table(doc: Mapping[str, Any]) -> str:
     """The summary as a Markdown table (readable in a terminal too)."""
     header = ("figure", "value", "target")
-    body = rows(doc)
+    body = [*rows(doc), *fast_rows(doc)]
     widths = [max(len(r[i]) for r in (header, *body)) for i in range(3)]
 
     def line(cells: Sequence[str]) -> str:
@@ -299,7 +290,8 @@ def markdown(doc: Mapping[str, Any], plot_name: str | None) -> str:
         "",
         f"Simulated GPU `sim_gpu`: {sim.get('text')}; max_batch_size {sim.get('max_batch_size')}, "
         f"preferred batch sizes {sim.get('preferred_batch_sizes')}, queue delay {sim.get('queue_delay_ms')} ms. "
-        f"Worker settings of the main run: {', '.join(f'{k}={v}' for k, v in settings.items())}.",
+        f"Worker settings of the main run: {', '.join(f'{k}={v}' for k, v in settings.items())}. "
+        "Rows marked `fast:` are the second simulated GPU's, measured on a stack of their own.",
         "",
         table(doc),
         "",
@@ -308,7 +300,8 @@ def markdown(doc: Mapping[str, Any], plot_name: str | None) -> str:
         sweep_table(doc.get("sweep") or []),
         "",
     ]
-    stage_rows = [(name, run.get("stages_ms") or {}) for name, run in (doc.get("runs") or {}).items()]
+    runs = {**(doc.get("runs") or {}), **{f"fast {k}": v for k, v in (lookup(doc, "profiles.fast.runs") or {}).items()}}
+    stage_rows = [(name, run.get("stages_ms") or {}) for name, run in runs.items()]
     stage_names = sorted({stage for _, stages in stage_rows for stage in stages})
     if stage_names:
         parts += ["## Where a job's time goes (mean ms per stage, pull to record written)", ""]

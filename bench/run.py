@@ -7,10 +7,14 @@ Phases, in order, all on one stack (each run has its own topic and subscription)
 3. the naive worker on its own backlog;
 4. the product worker at a low rate (5 jobs/s), for latency on a quiet system;
 5. the product worker draining the main backlog (2,000 jobs): throughput, CPU, memory, batches;
-6. the product worker paced just under that throughput: latency at saturation;
-7. the in-flight limit sweep (smaller backlogs), for the plot;
-8. 1024 px images with and without shared memory;
-9. streaming against unary inference.
+6. the idiomatic peer (``bench/peer.py``) draining a backlog of the same jobs;
+7. the product worker paced just under that throughput: latency at saturation;
+8. the in-flight limit sweep (smaller backlogs), for the plot;
+9. 1024 px images with and without shared memory;
+10. streaming against unary inference.
+
+Then the same on a second stack with the fast profile (``options.FAST_PROFILE``),
+phases 2, 4, 5, 6 and 7 only; its figures go under ``profiles.fast``.
 
 A phase that fails is recorded under ``errors`` and the next one runs, so a
 broken phase costs its figures, not the report. Every process started here is
@@ -22,19 +26,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import platform
 import shutil
 import sys
 import time
 from collections.abc import AsyncIterator, Sequence
-from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bench import ceilings, emulators, options, plot, profiler, report, sim_model, stats, workload
+from bench import ceilings, document, emulators, options, plot, profiler, report, sim_model, stats, targets, workload
 from bench.floor import measure_floor
 from bench.naive import NaiveWorker
+from bench.peer_run import peer_run
 from bench.progress import Progress
 from bench.runs import Lab, RunSpec, backlog_run, paced_run, started_lab
 from worker import images
@@ -43,21 +47,39 @@ from worker.config import Settings
 from worker.models import ModelSpec
 from worker.triton import TritonControl
 
-PHASES = 11
+PHASES = 12
+#: Phases of the fast profile: its stack, the ceilings, low rate, main run, peer, saturation.
+FAST_PHASES = 6
 #: Seconds the Pub/Sub ceiling may take at worst.
 PUBSUB_CEILING_TIMEOUT_S = 300.0
 
 
 class Bench:
-    """One benchmark run: the lab, the options, and the document the phases fill in."""
+    """One profile's benchmark: the lab, the options, and the document the phases fill in.
 
-    def __init__(self, lab: Lab, opts: options.Options, spec: ModelSpec, effective: Settings) -> None:
+    ``full=False`` runs only what the second profile's figures need (ceilings, low rate,
+    main run, peer, saturation); ``inherited`` seeds its document with the main profile's
+    figures that do not depend on the GPU (the floor).
+    """
+
+    def __init__(
+        self,
+        lab: Lab,
+        opts: options.Options,
+        sizes: options.Sizes,
+        spec: ModelSpec,
+        effective: Settings,
+        *,
+        full: bool = True,
+        inherited: dict[str, Any] | None = None,
+    ) -> None:
         self.lab = lab
         self.opts = opts
-        self.sizes = opts.sizes
+        self.sizes = sizes
         self.spec = spec
         self.effective = effective
-        self.doc: dict[str, Any] = {"errors": {}}
+        self.full = full
+        self.doc: dict[str, Any] = {"errors": {}, **(inherited or {})}
 
     @contextlib.asynccontextmanager
     async def phase(self, name: str) -> AsyncIterator[None]:
@@ -74,11 +96,19 @@ class Bench:
 
     async def run(self) -> None:
         sizes, doc = self.sizes, self.doc
-        await self._probe_emulators("start")
         async with JobClient(self.effective) as client:
             small = await self.lab.inputs(client, sizes.image_px)
-            large = await self.lab.inputs(client, sizes.large_px)
         decoded = [images.decode(data, _limits(self.effective)) for data in small.images]
+        if not self.full:
+            await self._ceilings(small, decoded)
+            await self._low_rate()
+            await self._main_run()
+            await self._peer()
+            await self._saturation()
+            return
+        await self._probe_emulators("start")
+        async with JobClient(self.effective) as client:
+            large = await self.lab.inputs(client, sizes.large_px)
 
         async with self.phase("floor: image work alone, single-threaded, no I/O"):
             floor = await asyncio.to_thread(measure_floor, self.spec, small.images, sizes.floor_jobs)
@@ -105,29 +135,10 @@ class Bench:
             doc["naive_jobs"], doc["naive_jobs_per_s"] = sizes.naive_jobs, round(result.jobs_per_s, 2)
             self.lab.progress.note(f"naive {result.jobs_per_s:.1f} jobs/s")
 
-        async with self.phase(f"low rate: {sizes.low_rate_jobs} jobs at {sizes.low_rate_per_s:g}/s"):
-            figures = await paced_run(
-                self.lab, RunSpec("low-rate", sizes.low_rate_jobs, sizes.image_px), sizes.low_rate_per_s
-            )
-            doc["low_rate_latency_ms"] = figures.latency_ms
-            doc["low_rate_stages_ms"] = figures.stages_ms
-            doc["low_rate_waiting_ms"] = figures.waiting_ms
-            doc["low_rate_per_s"], doc["low_rate_jobs"] = sizes.low_rate_per_s, sizes.low_rate_jobs
-            doc.setdefault("runs", {})["low_rate"] = figures.as_dict()
-            self.lab.progress.note(f"latency {report.fmt_latency(figures.latency_ms)}")
-
+        await self._low_rate()
         await self._main_run()
-
-        e2e = doc.get("e2e_jobs_per_s")
-        async with self.phase("latency at saturation: paced just under the e2e throughput"):
-            if not e2e:
-                raise RuntimeError("needs the main run's throughput")
-            rate = round(e2e * sizes.saturation_fraction, 1)
-            count = max(50, int(rate * sizes.saturation_s))
-            figures = await paced_run(self.lab, RunSpec("saturation", count, sizes.image_px), rate)
-            doc["latency_ms"], doc["latency_rate_per_s"] = figures.latency_ms, rate
-            doc.setdefault("runs", {})["saturation"] = figures.as_dict()
-            self.lab.progress.note(f"at {rate:g}/s: latency {report.fmt_latency(figures.latency_ms)}")
+        await self._peer()
+        await self._saturation()
 
         async with self.phase(f"in-flight sweep {list(sizes.sweep)}: {sizes.sweep_jobs} jobs each"):
             doc["sweep"] = []
@@ -140,6 +151,46 @@ class Bench:
         await self._large(large)
         await self._modes()
         await self._probe_emulators("end")
+
+    async def _low_rate(self) -> None:
+        sizes, doc = self.sizes, self.doc
+        async with self.phase(f"low rate: {sizes.low_rate_jobs} jobs at {sizes.low_rate_per_s:g}/s"):
+            figures = await paced_run(
+                self.lab, RunSpec("low-rate", sizes.low_rate_jobs, sizes.image_px), sizes.low_rate_per_s
+            )
+            doc["low_rate_latency_ms"] = figures.latency_ms
+            doc["low_rate_stages_ms"] = figures.stages_ms
+            doc["low_rate_waiting_ms"] = figures.waiting_ms
+            doc["low_rate_per_s"], doc["low_rate_jobs"] = sizes.low_rate_per_s, sizes.low_rate_jobs
+            doc.setdefault("runs", {})["low_rate"] = figures.as_dict()
+            self.lab.progress.note(f"latency {report.fmt_latency(figures.latency_ms)}")
+
+    async def _peer(self) -> None:
+        sizes, doc = self.sizes, self.doc
+        async with self.phase(f"idiomatic peer: a backlog of {sizes.jobs} jobs, as the main run"):
+            figures = await peer_run(self.lab, RunSpec("peer", sizes.jobs, sizes.image_px))
+            doc.setdefault("runs", {})["peer"] = figures.as_dict()
+            doc["peer_jobs_per_s"] = round(figures.jobs_per_s, 2)
+            doc["peer_cpu_ms_per_job"] = _round(figures.cpu_ms_per_job)
+            doc["peer_avg_batch_size"] = figures.avg_batch
+            doc["peer_stack_cpu_ms_per_job"] = figures.stack_cpu_ms_per_job
+            self.lab.progress.note(
+                f"peer {figures.jobs_per_s:.1f} jobs/s, {figures.cpu_ms_per_job or 0:.2f} CPU ms/job, "
+                f"avg batch {figures.avg_batch}"
+            )
+
+    async def _saturation(self) -> None:
+        sizes, doc = self.sizes, self.doc
+        e2e = doc.get("e2e_jobs_per_s")
+        async with self.phase("latency at saturation: paced just under the e2e throughput"):
+            if not e2e:
+                raise RuntimeError("needs the main run's throughput")
+            rate = round(e2e * sizes.saturation_fraction, 1)
+            count = max(50, int(rate * sizes.saturation_s))
+            figures = await paced_run(self.lab, RunSpec("saturation", count, sizes.image_px), rate)
+            doc["latency_ms"], doc["latency_rate_per_s"] = figures.latency_ms, rate
+            doc.setdefault("runs", {})["saturation"] = figures.as_dict()
+            self.lab.progress.note(f"at {rate:g}/s: latency {report.fmt_latency(figures.latency_ms)}")
 
     async def _probe_emulators(self, when: str) -> None:
         """The emulators' own rates, so the report shows whether the stack slowed as the runs filled it."""
@@ -300,83 +351,25 @@ async def _model_spec(triton_url: str) -> ModelSpec:
         await control.close()
 
 
-NOTES = (
-    "e2e_jobs_per_s: jobs published ahead as a backlog, then the worker (`tritonq run`, a subprocess, "
-    "default settings) started; from the first job's pull (its record's finish time less its stage timings) "
-    "to the last record written (the ack follows at once).",
-    "naive_jobs_per_s: bench/naive.py, one message at a time (synchronous pull, GCS over plain HTTP, one unary "
-    "tritonclient.grpc call, encode, two uploads, ack), on fewer jobs than the main run since it is slow.",
-    "worker_cpu_ms_per_job: user+sys CPU of the worker process (/proc/PID/stat) when its last job is done, less "
-    "its CPU just before it took its first message (scraped every 0.05 s until then), over the jobs; "
-    "worker_cpu_ms_per_job_steady is the slope of CPU against jobs done between 10% and 90% of the run, a "
-    "cross-check that is biased low when the jobs are few against the in-flight limit. Both include the "
-    "benchmark's scrapes of the worker's /metrics (every 1 s). worker_thread_cpu_ms_per_job splits the first "
-    "by thread (/proc/PID/task): event_loop (the main thread: Pub/Sub, storage, gRPC calls, small images), "
-    "python_threads (the image pool) and native_threads (grpc's own); a thread that exits before the end of the "
-    "run drops out of the split, not of the total.",
-    "floor_cpu_ms_per_job: ModelSpec.preprocess + postprocess of the same images in one thread, no I/O "
-    "(thread CPU time); overhead_ratio = worker_cpu_ms_per_job / floor_cpu_ms_per_job.",
-    "avg_batch_size: Triton's nv_inference_count / nv_inference_exec_count for sim_gpu over the main run; the batch "
-    "histogram from Triton's statistics API; max_batch_size is the model's.",
-    "latency_ms: publish to record written (JobResult.latency_ms, measured by the worker), with jobs paced at "
-    "a fraction of e2e_jobs_per_s (a backlog's publish-to-ack is only its drain time, kept as backlog_latency_ms); "
-    "service_ms: pull to record written (sum of the stage timings) in the main backlog.",
-    "low_rate_latency_ms: publish to record written at 5 jobs/s; low_rate_target_ms = low_rate_floor_ms + 25 ms, "
-    "where the latency floor is what a job waits for on a quiet system whatever the worker does: "
-    "floor_cpu_ms_per_job + one batch-of-1 execution of the simulated GPU + the model's max queue delay + "
-    "pubsub_delivery_ms p50 (measured alone in the same run; the emulator's streaming pull polls every 50 ms).",
-    "ceiling_infer_per_s: the same decoded tensors sent through worker.triton.TritonStream at the worker's "
-    "in-flight limit, no queue, no storage. ceiling_storage_jobs_per_s: one input read, a result and a record "
-    "create-only write through worker.storage at the worker's in-flight limit. ceiling_pubsub_msgs_per_s: "
-    "streaming pull + ack through worker.consumer with the worker's flow control. e2e_vs_ceiling uses the "
-    "slowest of the three.",
-    "pubsub_delivery_ms: publish (the emulator's publish time) to worker.consumer handing it out, at the low rate, "
-    "probe messages alone: the share of low-rate latency Pub/Sub itself takes. low_rate_waiting_ms cross-checks "
-    "it inside the low-rate run: each job's latency less its stage timings (publish to pull).",
-    "stack_cpu_ms_per_job: CPU of each stack component's process group (/proc) during the main run, per job; "
-    "machine_cpu_ms_per_job adds the worker's; ceiling_machine_cpu_jobs_per_s = CPUs x 1000 / that: the most "
-    "this machine's cores allow with the emulators on them (not one of the three ceilings of e2e_vs_ceiling).",
-    "Every run spreads its results over 16 output buckets of its own (jobs' output_prefix): the GCS emulator's "
-    "memory backend spends CPU per write in proportion to the objects already in the bucket, which real GCS does "
-    "not, and one bucket of 4,000 objects made storage the bottleneck of the benchmark.",
-    "peak_rss_mb: VmHWM of the worker process in the main run.",
-    "redelivered: copies of jobs already finished that the worker was handed again during the main run, "
-    "found done by their record and acked (the worker's duplicate count): the emulator ignores the stream's "
-    "flow control, and messages it pushed while the worker was not reading expire and come back. Their CPU is "
-    "in worker_cpu_ms_per_job; the run counts as done when every job has finished once.",
-    "sweep: a backlog per in-flight limit with TRITONQ_MAX_MESSAGES equal to it; the plot's latency is service_ms p99.",
-    "large: 1024 px images, TRITONQ_SHARED_MEMORY=off (payloads in the gRPC messages) and =auto (system shared "
-    "memory); null where the worker has no such setting.",
-    "All processes share this machine's CPUs: the emulators, Triton, the benchmark and the worker compete, as the "
-    "worker and Triton would in one pod.",
-)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     opts = options.parse(sys.argv[1:] if argv is None else argv)
     started = time.monotonic()
-    progress = Progress(PHASES)
-    with contextlib.suppress(FileNotFoundError):
-        shutil.rmtree(opts.state_dir / "logs")
-    repository = sim_model.prepare_repository(opts.state_dir / "model_repository", opts.profile)
-    config = sim_model.read_config((repository / sim_model.MODEL_NAME / "config.pbtxt").read_text())
-    bench: Bench | None = None
-    progress.phase("starting the stack: Pub/Sub emulator, GCS emulator, Triton with sim_gpu")
-    with started_lab(opts.state_dir, repository, progress) as lab:
-        effective = Settings()
-        spec = asyncio.run(_model_spec(lab.stack.triton.grpc_url))
-        bench = Bench(lab, opts, spec, effective)
-        asyncio.run(bench.run())
-    doc = _document(opts, config, bench, time.monotonic() - started)
-    sweep = doc.get("sweep") or []
-    png = None
-    if sweep:
-        png = plot.render(
-            [p["max_in_flight"] for p in sweep],
-            [p["jobs_per_s"] for p in sweep],
-            [(p.get("service_ms") or {}).get("p99", 0.0) for p in sweep],
-            f"tritonq: {opts.sizes.image_px} px jobs, sim_gpu {opts.profile.describe()}",
-        )
+    progress = Progress(PHASES + (FAST_PHASES if opts.fast_profile else 0))
+    doc = document.document(opts, _bench_profile(opts, progress, opts.profile, opts.sizes, opts.state_dir))
+    if opts.fast_profile is not None:
+        state_dir = opts.state_dir.with_name(f"{opts.state_dir.name}-fast")
+        inherited = {"floor_cpu_ms_per_job": doc.get("floor_cpu_ms_per_job")}
+        try:
+            fast = _bench_profile(opts, progress, opts.fast_profile, opts.fast_sizes, state_dir, inherited)
+        except Exception as exc:  # noqa: BLE001 - the fast profile's stack failing must not lose the main figures
+            doc["errors"]["fast profile"] = f"{type(exc).__name__}: {exc}"
+        else:
+            doc["profiles"] = {"fast": fast}
+            doc["errors"].update({f"fast: {name}": error for name, error in fast["errors"].items()})
+    doc["wall_s"] = round(time.monotonic() - started, 1)
+    targets.derive(doc)
+    title = f"tritonq: {opts.sizes.image_px} px jobs, sim_gpu {opts.profile.describe()}"
+    png = plot.sweep_png(doc.get("sweep") or [], title)
     json_path, md_path = report.write(doc, opts.out_dir, png)
     print(report.table(doc))
     print(f"\nwrote {json_path} and {md_path} in {doc['wall_s']:.0f} s")
@@ -385,34 +378,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 1 if doc["errors"] else 0
 
 
-def _document(
-    opts: options.Options, config: sim_model.ModelConfig, bench: Bench | None, wall_s: float
+def _bench_profile(  # noqa: PLR0917 - the profile's parts, each passed once from main
+    opts: options.Options,
+    progress: Progress,
+    profile: sim_model.SimProfile,
+    sizes: options.Sizes,
+    state_dir: Path,
+    inherited: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    measured = bench.doc if bench is not None else {"errors": {"stack": "the stack did not start"}}
-    effective = bench.effective if bench is not None else Settings()
-    doc: dict[str, Any] = {
-        "command": opts.command,
-        "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "quick": opts.quick,
-        "wall_s": round(wall_s, 1),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
-        "sim_profile": {
-            "fixed_ms": opts.profile.fixed_ms,
-            "per_image_ms": opts.profile.per_image_ms,
-            "text": opts.profile.describe(),
-            "max_batch_size": config.max_batch_size,
-            "preferred_batch_sizes": list(config.preferred_batch_sizes),
-            "queue_delay_ms": config.queue_delay_ms,
-        },
-        "worker_settings": {
-            "max_in_flight": effective.max_in_flight,
-            "max_messages": effective.max_messages,
-            "preprocess_threads": effective.thread_count,
-        },
-        "image_px": opts.sizes.image_px,
-        "jobs": opts.sizes.jobs,
-        "max_batch_size": config.max_batch_size,
-        **measured,
-        "notes": list(NOTES),
-    }
-    return report.derive(doc)
+    """Start a stack with ``profile`` in ``state_dir``, run its phases (all without ``inherited``), its figures."""
+    with contextlib.suppress(FileNotFoundError):
+        shutil.rmtree(state_dir / "logs")
+    repository = sim_model.prepare_repository(state_dir / "model_repository", profile)
+    config = sim_model.read_config((repository / sim_model.MODEL_NAME / "config.pbtxt").read_text())
+    progress.phase(f"starting the stack: Pub/Sub emulator, GCS emulator, Triton with sim_gpu {profile.describe()}")
+    with started_lab(state_dir, repository, progress) as lab:
+        spec = asyncio.run(_model_spec(lab.stack.triton.grpc_url))
+        bench = Bench(lab, opts, sizes, spec, Settings(), full=inherited is None, inherited=inherited)
+        asyncio.run(bench.run())
+    return document.profile_figures(profile, config, bench.doc, bench.effective, sizes)

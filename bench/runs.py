@@ -97,6 +97,8 @@ class RunFigures:
     stack_cpu_ms_per_job: dict[str, float]  # per stack component, during the run
     rate_per_s: float | None = None  # paced runs: the offered rate
     thread_cpu_ms_per_job: dict[str, float] = field(default_factory=dict)  # by procstat.THREAD_GROUPS
+    triton_ms: dict[str, float] = field(default_factory=dict)  # per request: in Triton, queued, computing
+    event_loop_share: dict[str, float] = field(default_factory=dict)  # of the run's time: running, waiting for a CPU
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -120,6 +122,8 @@ class RunFigures:
             "stack_cpu_ms_per_job": self.stack_cpu_ms_per_job,
             "rate_per_s": self.rate_per_s,
             "thread_cpu_ms_per_job": self.thread_cpu_ms_per_job,
+            "triton_ms": self.triton_ms,
+            "event_loop_share": self.event_loop_share,
         }
 
 
@@ -262,7 +266,7 @@ async def backlog_run(lab: Lab, spec: RunSpec, attach: Callable[[int], Attached]
         after = await asyncio.to_thread(lab.triton_snapshot)
         with lab.progress.bar("read records", spec.jobs) as update:
             timings = await workload.read_timings(client, jobs, update)
-    return _figures(lab, spec, timings=timings, before=before, after=after, samples=samples, peak_rss_mb=peak_rss_mb)
+    return run_figures(lab, spec, timings=timings, before=before, after=after, samples=samples, peak_rss_mb=peak_rss_mb)
 
 
 async def paced_run(lab: Lab, spec: RunSpec, rate_per_s: float) -> RunFigures:
@@ -281,11 +285,13 @@ async def paced_run(lab: Lab, spec: RunSpec, rate_per_s: float) -> RunFigures:
         after = await asyncio.to_thread(lab.triton_snapshot)
         with lab.progress.bar("read records", spec.jobs) as update:
             timings = await workload.read_timings(client, jobs, update)
-    figures = _figures(lab, spec, timings=timings, before=before, after=after, samples=samples, peak_rss_mb=peak_rss_mb)
+    figures = run_figures(
+        lab, spec, timings=timings, before=before, after=after, samples=samples, peak_rss_mb=peak_rss_mb
+    )
     return dataclasses.replace(figures, rate_per_s=rate_per_s)
 
 
-def _figures(
+def run_figures(
     lab: Lab,
     spec: RunSpec,
     *,
@@ -295,6 +301,7 @@ def _figures(
     samples: Sequence[Sample],
     peak_rss_mb: float,
 ) -> RunFigures:
+    """A run's figures from its records, the worker's samples and Triton's counters before and after."""
     done = [t for t in timings if t.succeeded]
     if not done:
         raise WorkerFailed(f"{spec.name}: no job succeeded")
@@ -305,9 +312,10 @@ def _figures(
     cpu_ms_per_job = None
     if baseline is not None and samples:
         cpu_ms_per_job = (samples[-1].cpu_s - baseline) * 1000 / spec.jobs
-    thread_cpu_ms_per_job = {}
+    thread_cpu_ms_per_job, loop_share = {}, {}
     if first is not None and samples:
         thread_cpu_ms_per_job = _ms_per_job(samples[-1].threads_cpu_s, first.threads_cpu_s, spec.jobs)
+        loop_share = _loop_share(first, samples[-1])
     stages = sorted({name for t in done for name in t.stages_ms})
     return RunFigures(
         name=spec.name,
@@ -329,7 +337,18 @@ def _figures(
         stages_ms={name: round(sum(t.stages_ms.get(name, 0.0) for t in done) / len(done), 3) for name in stages},
         stack_cpu_ms_per_job=_ms_per_job(after.component_cpu_s, before.component_cpu_s, spec.jobs),
         thread_cpu_ms_per_job=thread_cpu_ms_per_job,
+        triton_ms=(after.counts - before.counts).mean_ms(),
+        event_loop_share=loop_share,
     )
+
+
+def _loop_share(first: Sample, last: Sample) -> dict[str, float]:
+    """The share of the time between two samples the main thread ran, and waited runnable for a CPU."""
+    elapsed = last.at - first.at
+    if elapsed <= 0 or last.loop_sched_s == (0.0, 0.0):
+        return {}
+    (run0, wait0), (run1, wait1) = first.loop_sched_s, last.loop_sched_s
+    return {"running": round((run1 - run0) / elapsed, 3), "waiting_for_cpu": round((wait1 - wait0) / elapsed, 3)}
 
 
 def _ms_per_job(after: Mapping[str, float], before: Mapping[str, float], jobs: int) -> dict[str, float]:

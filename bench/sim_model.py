@@ -5,9 +5,12 @@
 per batch (default 60 ms + 1 ms per image, T4-like: the fixed cost dominates,
 so a batch of 16 costs little more than a batch of 1). The profile is a
 setting of the benchmark (``--sim-profile`` or ``TRITONQ_BENCH_SIM_PROFILE``,
-``FIXED_MS+PER_IMAGE_MS``); ``prepare_repository`` copies the repository into
+``FIXED_MS+PER_IMAGE_MS[xINSTANCES]``); ``prepare_repository`` copies the repository into
 the run's state folder with the profile written into the model's config, so
-the checked-in repository always loads as it is.
+the checked-in repository always loads as it is. ``INSTANCES`` (default 1) is the
+model's instance count: a fast GPU overlaps one batch's transfers and launch with
+another's execution, and several instances keep the Python backend's own
+per-execution overhead from serialising a profile of a few milliseconds.
 """
 
 from __future__ import annotations
@@ -30,24 +33,31 @@ class SimProfile:
 
     fixed_ms: float = 60.0
     per_image_ms: float = 1.0
+    instances: int = 1
 
     @classmethod
     def parse(cls, text: str) -> SimProfile:
-        """``"60+1"`` (fixed + per image, in ms)."""
-        fixed, sep, per_image = text.partition("+")
+        """``"60+1"`` (fixed + per image, in ms), or ``"4+0.1x4"`` (and four model instances)."""
+        times, sep_x, instances = text.partition("x")
+        fixed, sep, per_image = times.partition("+")
         try:
-            profile = cls(float(fixed), float(per_image) if sep else 0.0)
+            profile = cls(float(fixed), float(per_image) if sep else 0.0, int(instances) if sep_x else 1)
         except ValueError as exc:
-            raise ValueError(f"sim profile {text!r}: expected FIXED_MS+PER_IMAGE_MS, e.g. 60+1") from exc
+            raise ValueError(
+                f"sim profile {text!r}: expected FIXED_MS+PER_IMAGE_MS[xINSTANCES], e.g. 60+1 or 4+0.1x4"
+            ) from exc
         if profile.fixed_ms < 0 or profile.per_image_ms < 0:
             raise ValueError(f"sim profile {text!r}: times must be >= 0")
+        if profile.instances < 1:
+            raise ValueError(f"sim profile {text!r}: at least one instance")
         return profile
 
     def batch_ms(self, batch: int) -> float:
         return self.fixed_ms + self.per_image_ms * batch
 
     def describe(self) -> str:
-        return f"{self.fixed_ms:g} ms + {self.per_image_ms:g} ms/image per batch (slept)"
+        instances = f", {self.instances} instances" if self.instances > 1 else ""
+        return f"{self.fixed_ms:g} ms + {self.per_image_ms:g} ms/image per batch (slept){instances}"
 
 
 @dataclass(frozen=True)
@@ -74,11 +84,14 @@ def read_config(text: str) -> ModelConfig:
 
 
 def with_profile(text: str, profile: SimProfile) -> str:
-    """``config.pbtxt`` text with the profile's two parameters set."""
+    """``config.pbtxt`` text with the profile's two parameters and its instance count set."""
     for key, value in (("fixed_ms", profile.fixed_ms), ("per_image_ms", profile.per_image_ms)):
         text, count = re.subn(_PARAM_RE.format(key=key), rf"\g<1>{value:g}\g<2>", text)
         if count != 1:
             raise ValueError(f"config.pbtxt has no single {key} parameter")
+    text, count = re.subn(r"(instance_group\s*\[\s*\{\s*count:\s*)\d+", rf"\g<1>{profile.instances}", text)
+    if count != 1:
+        raise ValueError("config.pbtxt has no single instance_group count")
     return text
 
 

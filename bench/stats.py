@@ -72,24 +72,46 @@ def jobs_finished(worker_metrics: str) -> dict[str, float]:
 
 @dataclass(frozen=True)
 class TritonCounts:
-    """Triton's counters of one model: requests inferred and executions (batches) run."""
+    """Triton's counters of one model: requests inferred, executions (batches) run, and the
+    microseconds its successful requests spent in all (``request_us``), queued (``queue_us``) and
+    computing (``compute_us``, each request charged its batch's whole execution), summed over requests."""
 
     inferences: float
     executions: float
+    request_us: float = 0.0
+    queue_us: float = 0.0
+    compute_us: float = 0.0
 
     @classmethod
     def parse(cls, metrics: str, model: str) -> TritonCounts:
         where = {"model": model}
         return cls(
-            metric_sum(metrics, "nv_inference_count", where), metric_sum(metrics, "nv_inference_exec_count", where)
+            metric_sum(metrics, "nv_inference_count", where),
+            metric_sum(metrics, "nv_inference_exec_count", where),
+            metric_sum(metrics, "nv_inference_request_duration_us", where),
+            metric_sum(metrics, "nv_inference_queue_duration_us", where),
+            metric_sum(metrics, "nv_inference_compute_infer_duration_us", where),
         )
 
     def __sub__(self, other: TritonCounts) -> TritonCounts:
-        return TritonCounts(self.inferences - other.inferences, self.executions - other.executions)
+        return TritonCounts(
+            self.inferences - other.inferences,
+            self.executions - other.executions,
+            self.request_us - other.request_us,
+            self.queue_us - other.queue_us,
+            self.compute_us - other.compute_us,
+        )
 
     @property
     def avg_batch(self) -> float | None:
         return round(self.inferences / self.executions, 2) if self.executions else None
+
+    def mean_ms(self) -> dict[str, float]:
+        """Per request, in ms: in Triton in all, queued, computing (empty without requests)."""
+        if not self.inferences:
+            return {}
+        parts = {"request": self.request_us, "queue": self.queue_us, "compute": self.compute_us}
+        return {name: round(us / self.inferences / 1000, 3) for name, us in parts.items()}
 
 
 def batch_histogram(stats: Mapping[str, Any]) -> dict[int, int]:

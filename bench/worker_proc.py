@@ -57,9 +57,18 @@ class Sample:
     cpu_s: float
     redelivered: float = 0.0  # copies of jobs already finished, found done by their record and acked
     threads_cpu_s: Mapping[str, float] = field(default_factory=dict)  # cpu_s by procstat.THREAD_GROUPS
+    loop_sched_s: tuple[float, float] = (0.0, 0.0)  # main thread: on a CPU, waiting for one (procstat)
 
     @classmethod
-    def of(cls, metrics: str, *, at: float, cpu_s: float, threads_cpu_s: Mapping[str, float] | None = None) -> Sample:
+    def of(
+        cls,
+        metrics: str,
+        *,
+        at: float,
+        cpu_s: float,
+        threads_cpu_s: Mapping[str, float] | None = None,
+        loop_sched_s: tuple[float, float] = (0.0, 0.0),
+    ) -> Sample:
         """A sample from the text of the worker's ``/metrics``."""
         finished = stats.jobs_finished(metrics)
         return cls(
@@ -71,6 +80,7 @@ class Sample:
             cpu_s=cpu_s,
             redelivered=finished["duplicate"],
             threads_cpu_s=dict(threads_cpu_s or {}),
+            loop_sched_s=loop_sched_s,
         )
 
 
@@ -174,7 +184,11 @@ class WorkerProcess:
         except (OSError, urllib.error.URLError):
             return None
         return Sample.of(
-            text, at=time.monotonic(), cpu_s=self.cpu_seconds(), threads_cpu_s=procstat.thread_cpu_seconds(self.pid)
+            text,
+            at=time.monotonic(),
+            cpu_s=self.cpu_seconds(),
+            threads_cpu_s=procstat.thread_cpu_seconds(self.pid),
+            loop_sched_s=procstat.schedstat_seconds(self.pid),
         )
 
 
