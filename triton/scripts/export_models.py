@@ -191,11 +191,16 @@ def onnx_path(repo: Path, name: str, version: int = 1) -> Path:
     return repo / name / str(version) / "model.onnx"
 
 
+#: Mode of the written ONNX files: mkstemp creates 0600, but Triton reads them under its own uid.
+MODEL_FILE_MODE = 0o644
+
+
 def _write_atomically(path: Path, data: bytes) -> None:
     # A Triton starting concurrently must never see a half-written file.
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".model.", suffix=".tmp")
     try:
+        os.fchmod(fd, MODEL_FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
