@@ -214,6 +214,10 @@ run_stack() {
   curl -fsS "http://127.0.0.1:$TRITON_HTTP_HOST_PORT/v2/health/ready"
   curl -fsS "http://127.0.0.1:$WORKER_HOST_PORT/readyz" > /dev/null
   say "ports: pubsub, gcs, triton and worker answer on 127.0.0.1"
+  # The compose wiring for shared memory (Triton's /dev/shm and group), then which path the
+  # worker's own probe chose (worker/shm.py decides the regions' modes).
+  docker compose exec -T worker python - < scripts/compose_shm_check.py
+  say "worker: $(docker compose logs --no-color worker | grep -o 'shared_memory_[a-z]*' | head -1)"
 
   for model in "${JOB_MODELS[@]}"; do
     say "smoke: $model"
