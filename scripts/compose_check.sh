@@ -133,7 +133,7 @@ build_standin() {
   mkdir -p "$context"
   "prepare_$name" "$context"
   cp -a "$STANDINS/$name/." "$context/"
-  docker build -q --build-arg "BASE=$BASE_IMAGE" -t "$image" "$context" > "$CACHE/build-$name.log"
+  docker build -q --force-rm --build-arg "BASE=$BASE_IMAGE" -t "$image" "$context" > "$CACHE/build-$name.log"
   rm -rf "$context"
   echo "$key" > "$CACHE/$name.key"
   say "$name: built ($image)"
