@@ -71,7 +71,7 @@ smoke: install
 	$(BIN)/python scripts/smoke.py $(SMOKE_ARGS)
 
 # docker-compose.yml run for real: dockerd (started if needed), local stand-ins for the pulled
-# images, `up --build --wait`, smoke for every job model, one `publish --wait`, `down -v` (README Compose).
+# images, `up --build --wait`, smoke for every job model, one `publish --wait`, `down -v` (README Compose check).
 compose-check: install
 	scripts/compose_check.sh
 
