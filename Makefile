@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PROFILE ?= cpu
 
-.PHONY: demo test lint proto proto-check install unit integration clean settings-table models models-check bench bench-priority chaos smoke
+.PHONY: demo test lint proto proto-check install unit integration clean settings-table models models-check bench bench-priority chaos smoke compose-check
 
 $(BIN)/tritonq: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -69,6 +69,11 @@ chaos: install
 # The seed's smoke test against whatever the settings point at (compose, or GKE through a port-forward).
 smoke: install
 	$(BIN)/python scripts/smoke.py $(SMOKE_ARGS)
+
+# docker-compose.yml run for real: dockerd (started if needed), local stand-ins for the pulled
+# images, `up --build --wait`, smoke for every job model, one `publish --wait`, `down -v` (README Compose check).
+compose-check: install
+	scripts/compose_check.sh
 
 # The README's settings table is generated from worker/config.py (a test fails when it is stale).
 settings-table: install

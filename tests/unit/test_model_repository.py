@@ -251,6 +251,15 @@ def test_ensure_models_is_idempotent_and_repairs_stale_files(tmp_path: Path) -> 
     assert export_models.main(["--repository", str(tmp_path), "--check"]) == 0
 
 
+def test_exported_files_are_readable_by_another_user(tmp_path: Path) -> None:
+    # The Triton image copies them from a root build stage and serves them as uid 1000.
+    for name, _ in export_models.ONNX_MODELS:
+        (tmp_path / name).mkdir()
+    export_models.ensure_models(tmp_path)
+    for name, version in export_models.ONNX_MODELS:
+        assert export_models.onnx_path(tmp_path, name, version).stat().st_mode & 0o777 == 0o644
+
+
 # --- the models' code, called directly ----------------------------------------------------------------
 
 
