@@ -13,9 +13,9 @@ from prometheus_client import REGISTRY
 from structlog.testing import capture_logs
 
 from tests.unit.test_pipeline import ENHANCE
+from worker.catalog import MAX_REASON_CHARS, Catalog
 from worker.errors import TransientError
 from worker.models import ModelSpec
-from worker.triton import MAX_REASON_CHARS, Catalog
 
 REASON = "Internal: RuntimeError: this model is broken on purpose"
 
