@@ -109,7 +109,7 @@ class _Lane:
         self.pending[request.id] = future
         try:
             # One deadline for queueing and answer. ``asyncio.timeout``, not ``wait_for``: in Python 3.11
-            # each ``wait_for`` wraps its awaitable in a task, and two tasks per request showed in profiles.
+            # each ``wait_for`` wraps its awaitable in a task of its own, a second task per request.
             async with asyncio.timeout(timeout_s):
                 await self._queue.put(request)
                 return await future

@@ -356,7 +356,7 @@ async def test_a_job_in_flight_keeps_its_id_against_another() -> None:
 
 
 async def test_an_invalid_message_records_only_under_invalid_whatever_id_it_names() -> None:
-    # It used to write its FAILED record where the victim's record goes, and the victim's own was refused.
+    # Its FAILED record must not take the name of the victim's record, or the victim's own would be refused.
     storage = Storage({"gs://inputs/a.jpg": sample_image(20, 10)})
     pipeline = make(Stream(), storage)
     for bad in (other_job(output_format="gif"), other_job(input_uri="gs://elsewhere/x.jpg")):
@@ -369,7 +369,7 @@ async def test_an_invalid_message_records_only_under_invalid_whatever_id_it_name
 
 @pytest.mark.parametrize("params", [{"scale": "abc"}, {"scale": "1000"}, {"sequence_id": "1"}])
 async def test_undeclared_or_bad_params_fail_the_job_once(params: dict[str, str]) -> None:
-    # "abc" used to crash the pixel weighing (a bug: nacked until dead-lettered); "1000" weighed 10^9 pixels.
+    # "abc" must not crash the pixel weighing (nacked until dead-lettered); "1000" must not weigh 10^9 pixels.
     storage = Storage({"gs://inputs/a.jpg": sample_image(20, 10)})
     stream = Stream()
     d, message = delivered(other_job(input_uri="gs://inputs/a.jpg", params=params), "m")
