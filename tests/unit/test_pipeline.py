@@ -437,3 +437,40 @@ async def test_a_job_weighs_its_formats_worst_case_bytes_per_pixel_in_the_budget
         gate.clear()
     jpeg_weight = 32 * 32 * 2  # the decoded input and the model's output
     assert held == [jpeg_weight, jpeg_weight + round(32 * 32 * (18.0 / 4.5 - 1))]
+
+
+@dataclass
+class Expiring(Stream):
+    """Triton down for as long as it takes the job's deadline to pass; keeps a weak reference to the tensor."""
+
+    down_s: float = 0.0
+    seen: list[weakref.ref[Any]] = field(default_factory=list)
+
+    async def infer(self, model: str, version: str, inputs: Any, **_: Any) -> InferResult:
+        self.calls += 1
+        array = inputs[0][2]
+        self.seen.append(weakref.ref(array if array.base is None else array.base))
+        await asyncio.sleep(self.down_s)  # the time the deadline needs to pass, not a hand-off between tasks
+        raise TransientError("triton down")
+
+
+async def test_a_job_whose_deadline_passes_while_it_retries_is_recorded_and_frees_its_arrays() -> None:
+    # Each job gets its own deadline_exceeded error: one instance raised again would keep the
+    # tracebacks of every job it failed, and with them their arrays.
+    storage = Storage({"gs://inputs/a.jpg": sample_image(64, 48)})
+    stream = Expiring(down_s=0.1)
+    pipeline = make(stream, storage)
+    gc.collect()
+    gc.disable()
+    try:
+        for job_id in ("j1", "j2"):
+            data = encode_job(build_job("enhance", input_uri="gs://inputs/a.jpg", job_id=job_id, timeout_s=0.05))
+            d, message = delivery(data)
+            assert await pipeline.handle(d) == FAILED_PERMANENT
+            assert message.acks == 1
+            record = json.loads(storage.objects[f"gs://outputs/results/{job_id}.json"])
+            assert record["error_code"] == "deadline_exceeded"
+        assert stream.calls == 2  # once each: a retry after the deadline is not sent
+        assert all(ref() is None for ref in stream.seen)
+    finally:
+        gc.enable()
