@@ -10,7 +10,22 @@ redelivers. Anything else is a bug, nacked and counted.
 Error texts travel into records, logs and the results topic, and may quote
 what a producer sent: ``clip`` bounds them and keeps only printable text, so
 a message cannot make the worker write or publish more than it received.
+
+``retrying`` is the in-process retry a ``TransientError`` calls for: exponential
+backoff with full jitter, so workers failing together do not retry together.
 """
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import structlog
+
+log = structlog.get_logger(__name__)
+T = TypeVar("T")
 
 #: Longest error text kept: enough for a reason and the value it names, too short to amplify input.
 MAX_ERROR_CHARS = 300
@@ -46,3 +61,20 @@ class PermanentJobError(TritonqError):
 
 class TransientError(TritonqError):
     """A failure worth retrying: Triton unavailable, GCS 429/5xx, a broken stream."""
+
+
+async def retrying(
+    step: Callable[[], Awaitable[T]], *, attempts: int, base_s: float, what: str, on_retry: Callable[[], None]
+) -> T:
+    """Run ``step``; on ``TransientError`` retry with exponential backoff and full jitter, then give up."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return await step()
+        except TransientError as exc:
+            if attempt == attempts:
+                raise
+            on_retry()
+            delay = random.uniform(0, base_s * 2 ** (attempt - 1))
+            log.info("retrying", step=what, attempt=attempt, delay_s=round(delay, 3), error=clip(str(exc)))
+            await asyncio.sleep(delay)
+    raise AssertionError("unreachable")

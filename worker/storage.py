@@ -1,18 +1,15 @@
 """GCS reads and idempotent writes, and the names results are written under.
 
-Client choice, measured (``python -m bench.storage_clients``): the job's
-storage pattern (one 20 KB read, a result and a record write, create-only) at
-32 jobs in flight against the same fake-gcs-server. ``gcloud-aio-storage``
-(asyncio-native, on the aiohttp the worker already uses): 170 jobs/s at 1.9 ms
-of client CPU per job; ``google-cloud-storage`` in a thread pool of 32: 108
-jobs/s at 8.7 ms, with a thread per request in flight. So the aio client,
-which leaves the CPU to image work (``make bench`` re-measures the storage
-ceiling).
+The client is ``gcloud-aio-storage``: asyncio-native, on the aiohttp the
+worker already uses, so a request in flight costs no thread and the CPU stays
+with image work (``python -m bench.storage_clients`` compares it with
+``google-cloud-storage`` in a thread pool; the README's Performance section
+has the figures).
 
 Writes are create-only (``ifGenerationMatch=0``): Pub/Sub delivers at least
 once, so the same job may be finished twice, and the second write of a result
 finds the first and counts as success. Status codes map to the error types
-through ``_ERRORS``; the caller's context decides whether a missing object is
+through ``_INPUT_ERRORS`` and ``_RETRYABLE``; the caller's context decides whether a missing object is
 the job's fault (an input) or nothing at all (a record not yet written).
 
 Names: a job's record is ``{job_id}.json`` and its result ``{job_id}.{ext}``
@@ -49,7 +46,7 @@ _INPUT_ERRORS: dict[int, tuple[str, str]] = {
     403: ("input_forbidden", "the worker may not read the input object"),
     400: ("invalid_uri", "GCS refused the input name"),
 }
-#: Statuses worth retrying: throttling and server errors.
+#: Statuses worth retrying: throttling and server errors (GCS asks clients to retry 408, 429 and 5xx).
 _RETRYABLE = frozenset({408, 429, 500, 502, 503, 504})
 
 
@@ -134,8 +131,8 @@ class Storage:
                 data,
                 content_type=content_type,
                 parameters={"ifGenerationMatch": "0"},
-                # Always multipart: fake-gcs-server ignores ifGenerationMatch on plain media uploads
-                # (measured), and the create-only precondition is what makes a rewrite harmless.
+                # Always multipart: fake-gcs-server ignores ifGenerationMatch on plain media uploads,
+                # and the create-only precondition is what makes a rewrite harmless.
                 metadata={"metadata": dict(metadata or {})},
                 timeout=REQUEST_TIMEOUT_S,
             )

@@ -24,7 +24,7 @@ from worker.jobs import JobResult
 from worker.stack import Stack, free_port
 
 pytestmark = pytest.mark.timeout(300)
-STAGES = ("fetch", "preprocess", "infer", "postprocess", "write", "ack")
+STAGES = ("fetch", "preprocess", "infer", "postprocess", "write")
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
 

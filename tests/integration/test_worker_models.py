@@ -114,10 +114,10 @@ async def test_a_weighted_split_routes_about_a_tenth_and_is_sticky(
 async def test_a_version_loaded_later_is_served_without_restarting_the_worker(
     make_settings: Callable[..., Settings], worker_for: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import worker.triton
+    import worker.catalog
 
-    # Every miss may refresh the catalog here (in production, at most every 2 s).
-    monkeypatch.setattr(worker.triton, "CATALOG_MIN_REFRESH_S", 0.0)
+    # Every miss may refresh the catalog here (in production, at most every CATALOG_MIN_REFRESH_S).
+    monkeypatch.setattr(worker.catalog, "CATALOG_MIN_REFRESH_S", 0.0)
     repo = tmp_path / "repo"
     shutil.copytree(REPOSITORY / "enhance", repo / "enhance", ignore=shutil.ignore_patterns("__pycache__"))
     server = Triton("triton-v3", tmp_path / "logs", model_repository=repo)

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from worker.catalog import Catalog
 from worker.client import build_job, encode_job
 from worker.config import Settings
 from worker.consumer import Delivery
@@ -29,7 +30,8 @@ from worker.errors import PermanentJobError, TransientError
 from worker.jobs import GcsRef
 from worker.models import ModelSpec
 from worker.pipeline import DUPLICATE, FAILED_PERMANENT, NACKED, SUCCEEDED, Pipeline
-from worker.triton import Catalog, InferResult
+from worker.scheduling import PixelBudget
+from worker.wire import InferResult
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -135,12 +137,18 @@ class CountingExecutor(ThreadPoolExecutor):
         return super().submit(fn, *args, **kwargs)
 
 
-def make(stream: Stream, storage: Storage, executor: ThreadPoolExecutor | None = None, **overrides: Any) -> Pipeline:
+def make(
+    stream: Stream,
+    storage: Storage,
+    executor: ThreadPoolExecutor | None = None,
+    pixels: PixelBudget | None = None,
+    **overrides: Any,
+) -> Pipeline:
     settings = Settings(
         input_bucket="inputs", output_bucket="outputs", retry_attempts=3, retry_base_s=0.001, **overrides
     )
     pool = executor or ThreadPoolExecutor(2)
-    return Pipeline(settings, stream, Catalog(Control()), storage, pool)  # type: ignore[arg-type]
+    return Pipeline(settings, stream, Catalog(Control()), storage, pool, pixels=pixels)  # type: ignore[arg-type]
 
 
 def job_bytes(job_id: str = "j1", uri: str = "gs://inputs/a.jpg") -> bytes:
@@ -232,177 +240,19 @@ async def test_cancellation_nacks_and_propagates() -> None:
     assert (message.acks, d.nacked) == (0, True)
 
 
-async def test_held_deliveries_are_handed_out_by_priority_then_arrival() -> None:
-    from worker.pipeline import DeliveryQueue
-
-    queue = DeliveryQueue(maxsize=10)
-    for name, priority in [("a", "low"), ("b", ""), ("c", "high"), ("d", "low"), ("e", "HIGH")]:
-        d, _ = delivery(name.encode())
-        d.attributes = {"priority": priority} if priority else {}
-        queue.put_nowait(d)
-    assert queue.qsize() == 5
-    assert not queue.empty()
-    order = [(await queue.get()).data.decode() for _ in range(5)]
-    assert order == ["c", "e", "b", "a", "d"]
-    assert queue.empty()
-
-
-async def test_admission_sends_one_shape_at_a_time_past_a_quarter_batch() -> None:
-    from worker.pipeline import Admission
-
-    gate = Admission(batch=8, limit=16)
-    a, b = (1, 64, 64, 3), (1, 32, 64, 3)
-    admitted: list[str] = []
-
-    async def request(name: str, shape: tuple[int, ...], priority: int = 0) -> None:
-        await gate.acquire(shape, priority)
-        admitted.append(name)
-
-    # Two of any shape go straight in (a quarter of the batch); past that only the shape admitted last.
-    for i in range(4):
-        await request(f"a{i}", a)
-    tasks = [asyncio.create_task(request(f"b{i}", b)) for i in range(3)]
-    tasks.append(asyncio.create_task(request("b-high", b, priority=1)))
-    await asyncio.sleep(0)
-    assert admitted == ["a0", "a1", "a2", "a3"]
-    assert gate.waiting == 4
-    for _ in range(4):
-        gate.release()  # the a's come back: the model is quiet, the b's may go
-    await asyncio.gather(*tasks)
-    assert admitted[4] == "b-high"  # higher priority first
-    assert sorted(admitted[5:]) == ["b0", "b1", "b2"]
-    assert gate.waiting == 0
-
-
-async def test_admission_hands_the_slot_on_when_a_waiter_is_cancelled() -> None:
-    from worker.pipeline import Admission
-
-    gate = Admission(batch=4, limit=4)
-    for _ in range(4):
-        await gate.acquire((1,), 0)
-    waiter = asyncio.create_task(gate.acquire((1,), 0))
-    await asyncio.sleep(0)
-    waiter.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await waiter
-    assert gate.waiting == 0
-
-
-async def test_admission_passes_over_a_waiter_cancelled_but_not_yet_resumed() -> None:
-    # A shutdown cancels many jobs at once: a slot freed before a cancelled waiter runs goes to the next.
-    from worker.pipeline import Admission
-
-    gate = Admission(batch=4, limit=4)
-    for _ in range(4):
-        await gate.acquire((1,), 0)
-    cancelled = asyncio.create_task(gate.acquire((1,), 0))
-    waiting = asyncio.create_task(gate.acquire((1,), 0))
-    await asyncio.sleep(0)
-    cancelled.cancel()
-    gate.release()  # before `cancelled` resumes
-    with pytest.raises(asyncio.CancelledError):
-        await cancelled
-    await asyncio.wait_for(waiting, 5)
-    assert gate.waiting == 0
-
-
-async def test_pixel_budget_holds_jobs_past_it_in_arrival_order() -> None:
-    from worker.pipeline import PixelBudget
-
-    budget = PixelBudget(limit=100)
-    await budget.acquire(60)
-    order: list[str] = []
-
-    async def job(name: str, weight: int) -> None:
-        await budget.acquire(weight)
-        order.append(name)
-
-    big = asyncio.create_task(job("big", 50))
-    small = asyncio.create_task(job("small", 10))  # would fit, but waits behind the first in line
-    await asyncio.sleep(0)
-    assert (order, budget.used) == ([], 60)
-    budget.release(60)
-    await asyncio.gather(big, small)
-    assert (order, budget.used) == (["big", "small"], 60)
-
-
-async def test_pixel_budget_lets_one_job_past_it_run_alone() -> None:
-    from worker.pipeline import PixelBudget
-
-    budget = PixelBudget(limit=100)
-    await budget.acquire(500)  # larger than the whole budget: runs, since nothing else holds pixels
-    waiter = asyncio.create_task(budget.acquire(1))
-    await asyncio.sleep(0)
-    assert not waiter.done()
-    budget.release(500)
-    await waiter
-    assert budget.used == 1
-
-
-@pytest.mark.parametrize("freed_before_it_resumes", [False, True])
-async def test_pixel_budget_lets_the_next_in_when_a_waiter_is_cancelled(freed_before_it_resumes: bool) -> None:
-    # Freed before it resumes: pixels come back between the cancel and the cancelled task's handler,
-    # as when a shutdown cancels many jobs at once.
-    from worker.pipeline import PixelBudget
-
-    budget = PixelBudget(limit=100)
-    await budget.acquire(50)
-    huge = asyncio.create_task(budget.acquire(90))
-    small = asyncio.create_task(budget.acquire(40))
-    await asyncio.sleep(0)
-    huge.cancel()
-    if freed_before_it_resumes:
-        budget.release(50)
-    with pytest.raises(asyncio.CancelledError):
-        await huge
-    await asyncio.wait_for(small, 5)
-    assert budget.used == (40 if freed_before_it_resumes else 90)
-
-
-async def test_a_worker_stops_when_a_job_swallows_its_cancellation() -> None:
-    started = asyncio.Event()
-    swallowed: list[bool] = []
-
-    async def handle(delivery: Delivery) -> str:
-        started.set()
-        try:
-            await asyncio.sleep(60)
-        except asyncio.CancelledError:
-            if swallowed:
-                raise
-            swallowed.append(True)
-            return NACKED  # the bug this guards against: a cancellation turned into an outcome
-        return SUCCEEDED
-
-    pipeline = make(Stream(), Storage())
-    pipeline.handle = handle  # type: ignore[method-assign]
-    queue: asyncio.Queue[Delivery] = asyncio.Queue()
-    for _ in range(2):
-        queue.put_nowait(delivery(job_bytes())[0])
-    workers = asyncio.create_task(pipeline.run_workers(queue, 1))
-    await started.wait()
-    workers.cancel()
-    try:
-        await asyncio.wait({workers}, timeout=5)  # unlike wait_for, does not cancel again on timeout
-        assert workers.cancelled()
-        assert queue.qsize() == 1  # the second delivery was not taken
-    finally:
-        workers.cancel()  # the second cancellation is not swallowed
-        await asyncio.wait({workers}, timeout=5)
-
-
 async def test_a_job_gives_its_pixels_back_whatever_the_outcome() -> None:
     storage = Storage({"gs://inputs/a.jpg": sample_image(20, 10)})
     stream = Stream()
     stream.fail = TransientError("triton down")
-    pipeline = make(stream, storage)
+    pixels = PixelBudget(limit=1)
+    pipeline = make(stream, storage, pixels=pixels)
     d, _ = delivery(job_bytes())
     assert await pipeline.handle(d) == NACKED
-    assert pipeline._pixels.used == 0
+    assert pixels.used == 0
     stream.fail = None
     d, _ = delivery(job_bytes(job_id="j2"))
     assert await pipeline.handle(d) == SUCCEEDED
-    assert pipeline._pixels.used == 0
+    assert pixels.used == 0
 
 
 @dataclass
@@ -506,7 +356,7 @@ async def test_a_job_in_flight_keeps_its_id_against_another() -> None:
 
 
 async def test_an_invalid_message_records_only_under_invalid_whatever_id_it_names() -> None:
-    # It used to write its FAILED record where the victim's record goes, and the victim's own was refused.
+    # Its FAILED record must not take the name of the victim's record, or the victim's own would be refused.
     storage = Storage({"gs://inputs/a.jpg": sample_image(20, 10)})
     pipeline = make(Stream(), storage)
     for bad in (other_job(output_format="gif"), other_job(input_uri="gs://elsewhere/x.jpg")):
@@ -519,7 +369,7 @@ async def test_an_invalid_message_records_only_under_invalid_whatever_id_it_name
 
 @pytest.mark.parametrize("params", [{"scale": "abc"}, {"scale": "1000"}, {"sequence_id": "1"}])
 async def test_undeclared_or_bad_params_fail_the_job_once(params: dict[str, str]) -> None:
-    # "abc" used to crash the pixel weighing (a bug: nacked until dead-lettered); "1000" weighed 10^9 pixels.
+    # "abc" must not crash the pixel weighing (nacked until dead-lettered); "1000" must not weigh 10^9 pixels.
     storage = Storage({"gs://inputs/a.jpg": sample_image(20, 10)})
     stream = Stream()
     d, message = delivered(other_job(input_uri="gs://inputs/a.jpg", params=params), "m")
@@ -574,15 +424,53 @@ async def test_a_job_weighs_its_formats_worst_case_bytes_per_pixel_in_the_budget
     gate = asyncio.Event()
     stream = Stream(gate=gate)
     storage = Storage({"gs://inputs/a.jpg": sample_image(32, 32), "gs://inputs/b.webp": out.getvalue()})
-    pipeline = make(stream, storage, shape_buckets_px="")
+    pixels = PixelBudget(limit=1 << 30)
+    pipeline = make(stream, storage, pixels=pixels, shape_buckets_px="")
     held = []
     for uri in ("gs://inputs/a.jpg", "gs://inputs/b.webp"):
         stream.called.clear()
         task = asyncio.create_task(pipeline.handle(delivered(other_job(uri.rsplit("/", 1)[-1], input_uri=uri), uri)[0]))
         await asyncio.wait_for(stream.called.wait(), 10)
-        held.append(pipeline._pixels.used)
+        held.append(pixels.used)
         gate.set()
         assert await task == SUCCEEDED
         gate.clear()
     jpeg_weight = 32 * 32 * 2  # the decoded input and the model's output
     assert held == [jpeg_weight, jpeg_weight + round(32 * 32 * (18.0 / 4.5 - 1))]
+
+
+@dataclass
+class Expiring(Stream):
+    """Triton down for as long as it takes the job's deadline to pass; keeps a weak reference to the tensor."""
+
+    down_s: float = 0.0
+    seen: list[weakref.ref[Any]] = field(default_factory=list)
+
+    async def infer(self, model: str, version: str, inputs: Any, **_: Any) -> InferResult:
+        self.calls += 1
+        array = inputs[0][2]
+        self.seen.append(weakref.ref(array if array.base is None else array.base))
+        await asyncio.sleep(self.down_s)  # the time the deadline needs to pass, not a hand-off between tasks
+        raise TransientError("triton down")
+
+
+async def test_a_job_whose_deadline_passes_while_it_retries_is_recorded_and_frees_its_arrays() -> None:
+    # Each job gets its own deadline_exceeded error: one instance raised again would keep the
+    # tracebacks of every job it failed, and with them their arrays.
+    storage = Storage({"gs://inputs/a.jpg": sample_image(64, 48)})
+    stream = Expiring(down_s=0.1)
+    pipeline = make(stream, storage)
+    gc.collect()
+    gc.disable()
+    try:
+        for job_id in ("j1", "j2"):
+            data = encode_job(build_job("enhance", input_uri="gs://inputs/a.jpg", job_id=job_id, timeout_s=0.05))
+            d, message = delivery(data)
+            assert await pipeline.handle(d) == FAILED_PERMANENT
+            assert message.acks == 1
+            record = json.loads(storage.objects[f"gs://outputs/results/{job_id}.json"])
+            assert record["error_code"] == "deadline_exceeded"
+        assert stream.calls == 2  # once each: a retry after the deadline is not sent
+        assert all(ref() is None for ref in stream.seen)
+    finally:
+        gc.enable()

@@ -18,7 +18,7 @@ import pytest
 import tritonclient.utils.shared_memory as tshm
 
 from worker import shm
-from worker.triton import TritonStream
+from worker.wire import build_request
 
 
 def _shm(name: str) -> Path:
@@ -107,13 +107,12 @@ async def test_a_tensor_whose_region_cannot_be_written_travels_in_the_message(
         raise tshm.SharedMemoryException("unable to set the shared memory region")
 
     monkeypatch.setattr(shm.Region, "write", fail)
-    stream = TritonStream("127.0.0.1:1", request_timeout_s=1.0, shm_pool=pool)
     image = np.zeros((1, 64, 64, 3), np.uint8)
     regions: list[shm.Region] = []
     try:
-        request = await stream._request(
-            "enhance", "", [("image", "UINT8", image)], parameters=None, limit_s=1.0, priority=0,
-            shm_output=None, regions=regions,
+        request = await build_request(
+            "r1", "enhance", "", [("image", "UINT8", image)], parameters=None, limit_s=1.0, priority=0,
+            shm_output=None, regions=regions, pool=pool,
         )  # fmt: skip
         assert regions == []
         assert request.raw_input_contents == [image.tobytes()]
