@@ -46,7 +46,6 @@ from worker.models import ModelSpec, Output, Prepared
 from worker.records import Recorder, conflict, failure_record, new_record, same_job
 from worker.results import ResultsPublisher
 from worker.scheduling import Admission, PixelBudget, run_workers
-from worker.scheduling import DeliveryQueue as DeliveryQueue  # noqa: PLC0414 (service.py imports it from here)
 from worker.storage import Storage, result_ref
 from worker.triton import TritonStream
 from worker.wire import InferResult

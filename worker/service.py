@@ -20,16 +20,18 @@ from concurrent.futures import ThreadPoolExecutor
 import structlog
 
 from worker import telemetry
+from worker.catalog import Catalog
 from worker.config import Settings
 from worker.consumer import Consumer, Delivery
 from worker.errors import TransientError
 from worker.images import configure_pillow
-from worker.pipeline import DeliveryQueue, Pipeline
+from worker.pipeline import Pipeline
 from worker.results import ResultsPublisher
+from worker.scheduling import DeliveryQueue
 from worker.server import HttpServer
 from worker.shm import ShmPool
 from worker.storage import Storage
-from worker.triton import Catalog, TritonControl, TritonStream
+from worker.triton import TritonControl, TritonStream
 
 log = structlog.get_logger(__name__)
 

@@ -43,7 +43,6 @@ from tritonclient.grpc.aio import InferenceServerClient
 from tritonclient.utils import InferenceServerException
 
 from worker import telemetry
-from worker.catalog import Catalog as Catalog  # noqa: PLC0414 (service.py imports it from here)
 from worker.errors import TransientError
 from worker.models import ModelSpec
 from worker.shm import Region, ShmPool
