@@ -67,9 +67,13 @@ async def test_the_peer_writes_the_workers_results_and_records_and_acks_a_redeli
         assert (peer.done, again) == (JOBS, peer_results[0])
         assert await asyncio.to_thread(left_in, settings) == 0
 
-        await asyncio.gather(*(client.publish(job) for job in worker_jobs))
-        async with worker_for(settings):
-            worker_results = await client.wait_many(worker_jobs, timeout_s=120)
+        # A subscription of its own: the emulator keeps the peer's cancelled stream and may push the
+        # worker's messages into it for rounds of the ack deadline (real Pub/Sub drops dead streams).
+        worker_settings = make_settings()
+        async with JobClient(worker_settings) as worker_client:
+            await asyncio.gather(*(worker_client.publish(job) for job in worker_jobs))
+            async with worker_for(worker_settings):
+                worker_results = await worker_client.wait_many(worker_jobs, timeout_s=120)
         outputs = await asyncio.gather(*(client.read(r.output_uri) for r in (*peer_results, *worker_results)))
 
     for ours, theirs in zip(peer_results, worker_results, strict=True):
