@@ -1,6 +1,7 @@
 """``python -m bench``: start the stack with the simulated GPU, run every phase, write the report.
 
-Phases, in order, all on one stack (each run has its own topic and subscription):
+Phases, in order, all on one stack (each run has its own topic and subscription), between two
+probes of the emulators' own rates (``bench/emulators.py``):
 
 1. the floor: the image work alone, in a tight loop; an idle worker's start-up CPU;
 2. the ceilings: Triton, storage and Pub/Sub, each alone;
@@ -13,8 +14,8 @@ Phases, in order, all on one stack (each run has its own topic and subscription)
 9. 1024 px images with and without shared memory;
 10. streaming against unary inference.
 
-Then the same on a second stack with the fast profile (``options.FAST_PROFILE``),
-phases 2, 4, 5, 6 and 7 only; its figures go under ``profiles.fast``.
+Then phases 2, 4, 5, 6 and 7 on a second stack with the fast profile (``options.FAST_PROFILE``),
+under ``profiles.fast``.
 
 A phase that fails is recorded under ``errors`` and the next one runs, so a
 broken phase costs its figures, not the report. Every process started here is
@@ -194,7 +195,9 @@ class Bench:
 
     async def _probe_emulators(self, when: str) -> None:
         """The emulators' own rates, so the report shows whether the stack slowed as the runs filled it."""
-        rates = await asyncio.to_thread(emulators.probe, self.lab.stack, self.effective.project)
+        rates = await asyncio.to_thread(
+            emulators.probe, self.lab.stack, self.effective.project, warm_up=when == "start"
+        )
         self.doc.setdefault("emulators", {})[when] = rates
         self.lab.progress.note(f"emulators at the {when}: {rates}")
 
