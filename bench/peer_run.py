@@ -23,7 +23,8 @@ from types import TracebackType
 
 from bench import procstat, workload
 from bench.runs import MIN_RATE_PER_S, RUN_SLACK_S, Lab, RunFigures, RunSpec, run_figures
-from bench.worker_proc import Sample, WorkerFailed
+from bench.sampling import Sample
+from devstack.worker_process import WorkerFailed
 from worker.client import JobClient
 
 #: Seconds the peer may take to import and build its clients.

@@ -20,7 +20,7 @@ from functools import cache
 
 from PIL import Image
 
-from worker.demo import sample_image
+from devstack.samples import sample_image
 
 #: Seconds between two ``/healthz`` requests; each waits at most ``PROBE_TIMEOUT_S``.
 PROBE_INTERVAL_S = 0.1

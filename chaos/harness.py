@@ -3,7 +3,7 @@
 A ``Run`` owns a fresh topic and subscription (with the project's dead-letter
 policy) and a fresh output bucket with object versioning on, publishes good
 jobs and bad messages, starts ``tritonq run`` as child processes
-(``WorkerProcess``) and reads the outcome back from GCS, never from the
+(``devstack.worker_process.WorkerProcess``) and reads the outcome back from GCS, never from the
 worker: a job succeeded when its record says so, a bad message is accounted
 for when its error record exists or it reached the dead-letter topic.
 
@@ -18,16 +18,11 @@ halves (an overwrite shows as two generations; a create-only rewrite fails).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import random
-import signal
 import struct
-import subprocess
 import time
-import urllib.error
-import urllib.request
 import uuid
 import zlib
 from collections.abc import Callable, Mapping
@@ -40,13 +35,13 @@ import aiohttp
 
 from chaos.bad_inputs import scan_bomb, tiff_tile_bomb, webp_bomb
 from chaos.limits import MemoryLimit
-from worker.cli import spawn_worker
+from devstack.samples import sample_image
+from devstack.stack import Stack
+from devstack.worker_process import WorkerProcess
 from worker.client import JobClient, build_job, encode_job
 from worker.config import Settings
-from worker.demo import sample_image
 from worker.jobs import GcsRef, ImageJob
 from worker.jobs import max_message_bytes as jobs_max_message_bytes
-from worker.stack import Stack, free_port, provision_pubsub
 from worker.storage import Storage
 
 #: The model every good job runs: a Python-backend model with two versions, cheap at this size.
@@ -58,8 +53,6 @@ DISTINCT_INPUTS = 4
 #: Output buckets per scenario, taken in turn: the largest backlog then leaves about 1,000
 #: objects in each, where the versioning emulator still uploads at its fresh-bucket speed.
 OUTPUT_BUCKETS = 10
-#: Seconds a worker process gets to answer ``/readyz`` after it is spawned.
-WORKER_READY_TIMEOUT_S = 120.0
 #: Seconds between looks at the output bucket while waiting for progress.
 POLL_S = 0.25
 #: Inline payload cap the scenarios run the worker with, so the over-cap message stays small.
@@ -168,110 +161,6 @@ class Snapshot:
         return sorted(name for name, versions in self.generations.items() if len(versions) > 1)
 
 
-class WorkerProcess:
-    """``tritonq run`` as a child process, as it runs in a pod; ``stop_hard()`` in a ``finally`` always."""
-
-    def __init__(self, env: Mapping[str, str], log_path: Path, memory: MemoryLimit | None = None) -> None:
-        self.port = free_port()
-        #: The memory limit the process runs under, as a container's would bound it.
-        self.memory = memory
-        self.env = {**env, "TRITONQ_HTTP_PORT": str(self.port)}
-        self.log_path = log_path
-        self.proc: subprocess.Popen[bytes] | None = None
-        #: The largest ``VmHWM`` (peak resident set) seen, in bytes, over this process's lives.
-        self.peak_rss_bytes = 0
-        self.starts = 0
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def start(self) -> None:
-        if self.running:
-            raise RuntimeError("worker already running")
-        self.proc = spawn_worker(self.env, self.log_path)
-        if self.memory is not None:
-            # At once, while the interpreter is still importing: the limit holds before the first job.
-            self.memory.add(self.proc.pid)
-        self.starts += 1
-
-    async def wait_ready(self, timeout_s: float = WORKER_READY_TIMEOUT_S) -> None:
-        url = f"http://127.0.0.1:{self.port}/readyz"
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if not self.running:
-                raise RuntimeError(f"worker exited before it was ready; see {self.log_path}")
-            if await asyncio.to_thread(_http_ok, url):
-                return
-            await asyncio.sleep(POLL_S)
-        raise TimeoutError(f"worker not ready after {timeout_s:.0f} s; see {self.log_path}")
-
-    def sample_rss(self) -> int:
-        """Read the process's peak RSS (``VmHWM``) while it lives; returns the peak so far."""
-        if self.proc is not None:
-            with contextlib.suppress(OSError, ValueError):
-                for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-                    if line.startswith("VmHWM:"):
-                        self.peak_rss_bytes = max(self.peak_rss_bytes, int(line.split()[1]) * 1024)
-        return self.peak_rss_bytes
-
-    def kill(self) -> None:
-        """SIGKILL, as the OOM killer or a node loss would; no shutdown code runs."""
-        assert self.proc is not None
-        self.sample_rss()
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
-
-    async def terminate(self, timeout_s: float) -> tuple[int, float]:
-        """SIGTERM, as Kubernetes sends it; returns the exit status and the seconds the exit took."""
-        assert self.proc is not None
-        self.sample_rss()
-        started = time.monotonic()
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            code = await asyncio.to_thread(self.proc.wait, timeout_s)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            return -9, time.monotonic() - started
-        return code, time.monotonic() - started
-
-    async def wait_exit(self, timeout_s: float) -> tuple[int | None, float]:
-        """Wait for the process to exit on its own; returns its status (``None`` if it still ran) and the wait."""
-        assert self.proc is not None
-        started = time.monotonic()
-        try:
-            code = await asyncio.to_thread(self.proc.wait, timeout_s)
-        except subprocess.TimeoutExpired:
-            return None, time.monotonic() - started
-        return code, time.monotonic() - started
-
-    def stop_hard(self) -> None:
-        """Make sure nothing is left running (the cleanup of a failed scenario)."""
-        if self.running:
-            self.kill()
-
-    def log_tail(self, lines: int = 30) -> str:
-        with contextlib.suppress(OSError):
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        return ""
-
-    def log_lines(self) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = []
-        with contextlib.suppress(OSError):
-            for line in self.log_path.read_text(errors="replace").splitlines():
-                with contextlib.suppress(ValueError):
-                    out.append(json.loads(line))
-        return out
-
-
-def _http_ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return bool(response.status == 200)
-    except (OSError, urllib.error.URLError):
-        return False
-
-
 class Run:
     """One scenario's world: its own topic, subscription, dead-letter topic and versioned output buckets.
 
@@ -334,15 +223,10 @@ class Run:
             await self.publish(client, good, [], seed=seed)
 
     async def setup(self) -> None:
-        await asyncio.to_thread(provision_pubsub, self.settings, self.stack.pubsub.host, dead_letter=self.dead_letter)
-        async with aiohttp.ClientSession() as session:
-            buckets = [(self.settings.input_bucket, False), *((b, True) for b in self.output_buckets)]
-            for bucket, versioned in buckets:
-                body = {"name": bucket, "versioning": {"enabled": versioned}}
-                url = f"{self.gcs_url}/storage/v1/b?project={self.settings.project}"
-                async with session.post(url, json=body) as response:
-                    if response.status not in (200, 409):
-                        raise RuntimeError(f"creating bucket {bucket}: HTTP {response.status}")
+        await asyncio.to_thread(self.stack.provision_pubsub, self.settings, dead_letter=self.dead_letter)
+        buckets = [(self.settings.input_bucket, False), *((b, True) for b in self.output_buckets)]
+        for bucket, versioned in buckets:
+            await asyncio.to_thread(self.stack.create_bucket, self.settings, bucket, versioned=versioned)
         self.started = time.monotonic()
 
     def worker_env(self, **extra: str) -> dict[str, str]:
@@ -356,13 +240,14 @@ class Run:
 
     def worker(self, label: str = "worker", **extra: str) -> WorkerProcess:
         log = self.workdir / f"{self.name}-{label}.log"
-        worker = WorkerProcess(self.worker_env(**extra), log, self.memory)
+        on_spawn = self.memory.add if self.memory is not None else None
+        worker = WorkerProcess(self.worker_env(**extra), log, on_spawn=on_spawn)
         self.workers.append(worker)
         return worker
 
     def stop_workers(self) -> None:
         for worker in self.workers:
-            worker.stop_hard()
+            worker.kill()
         if self.memory is not None:
             self.memory.close()
 
@@ -553,7 +438,7 @@ class Run:
             if check(snapshot):
                 return snapshot
             if alive is not None:
-                alive.sample_rss()
+                alive.peak_rss_bytes()
                 if not alive.running:
                     raise RuntimeError(f"{self.name}: worker exited while waiting for {what}:\n{alive.log_tail()}")
             if time.monotonic() > deadline:
@@ -625,7 +510,7 @@ class Run:
             notes["largest_bad_record_bytes"] = max(sizes)
         duplicated = snapshot.duplicated()
         jobs_duplicated = {name.rsplit("/", 1)[-1].split(".", 1)[0] for name in duplicated}
-        peak = max((w.sample_rss() for w in self.workers), default=0)
+        peak = max((w.peak_rss_bytes() for w in self.workers), default=0)
         if lost:
             notes["lost_jobs"] = lost[:20]
         if unaccounted:

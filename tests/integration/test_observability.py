@@ -17,11 +17,12 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from devstack.probe import free_port
+from devstack.samples import sample_image
+from devstack.stack import Stack
 from worker.client import JobClient, build_job
 from worker.config import Settings
-from worker.demo import sample_image
 from worker.jobs import JobResult
-from worker.stack import Stack, free_port
 
 pytestmark = pytest.mark.timeout(300)
 STAGES = ("fetch", "preprocess", "infer", "postprocess", "write")

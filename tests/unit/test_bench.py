@@ -12,8 +12,8 @@ from PIL import Image
 
 from bench import limits, options, plot, procstat, profiler, report, runs, stats, targets
 from bench.runs import TritonSnapshot
+from bench.sampling import Sample, baseline_sample
 from bench.sim_model import MODEL_NAME, REPOSITORY, SimProfile, read_config, with_profile
-from bench.worker_proc import Sample, baseline_sample
 from bench.workload import JobTiming
 from worker.jobs import JobResult
 
