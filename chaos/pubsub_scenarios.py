@@ -14,7 +14,8 @@ import asyncio
 import time
 from pathlib import Path
 
-from chaos.harness import Report, Run
+from chaos.accounting import Report
+from chaos.harness import Run
 from chaos.pubsub_proxy import PubsubFaults, PubsubProxy
 from chaos.scenarios import EXIT_SLACK_S, settle_timeout_s
 from devstack.stack import Stack

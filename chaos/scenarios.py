@@ -18,8 +18,10 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from chaos.accounting import Report
 from chaos.bad_inputs import HealthProbe
-from chaos.harness import BAD_KINDS, Report, Run
+from chaos.bad_messages import BAD_KINDS
+from chaos.harness import Run
 from chaos.proxy import FaultProxy
 from devstack.components import Triton
 from devstack.stack import Stack
