@@ -33,6 +33,22 @@ STOP_TIMEOUT_S = 60.0
 METRICS_TIMEOUT_S = 5.0
 
 
+def parse_peak_rss_bytes(status: str) -> int:
+    """``VmHWM`` (the high-water mark of the resident set) in bytes, from the text of ``/proc/<pid>/status``."""
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            value, unit = line.split()[1:3]
+            if unit.lower() != "kb":
+                raise ValueError(f"unexpected VmHWM unit {unit!r}")
+            return int(value) * 1024
+    raise ValueError("no VmHWM in status")
+
+
+def peak_rss_bytes(pid: int) -> int:
+    """The peak resident set of a live process, in bytes (Linux)."""
+    return parse_peak_rss_bytes(Path(f"/proc/{pid}/status").read_text())
+
+
 class WorkerFailed(StackError):
     """The worker exited, did not get ready, or did not finish its jobs in time."""
 
@@ -123,10 +139,8 @@ class WorkerProcess:
     def peak_rss_bytes(self) -> int:
         """The largest peak resident set (``VmHWM``) seen over this process's lives; read now if it lives."""
         if self.proc is not None:
-            with contextlib.suppress(OSError, ValueError):
-                for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-                    if line.startswith("VmHWM:"):
-                        self._peak_rss_bytes = max(self._peak_rss_bytes, int(line.split()[1]) * 1024)
+            with contextlib.suppress(OSError, ValueError):  # exited, or a zombie (no VmHWM)
+                self._peak_rss_bytes = max(self._peak_rss_bytes, peak_rss_bytes(self.proc.pid))
         return self._peak_rss_bytes
 
     def kill(self) -> None:
