@@ -250,7 +250,8 @@ def _development(module: str) -> ModuleType:
             raise
         raise SystemExit(
             f"tritonq: {module} is not installed: `tritonq stack` and `tritonq demo` run from a checkout of the "
-            "repository (`make install`); the worker image carries only `tritonq run`, `publish`, `init`, `schema`"
+            "repository (`make install`); the worker image has the production commands only "
+            "(run, publish, init, schema, settings)"
         ) from None
 
 
