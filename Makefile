@@ -30,7 +30,7 @@ integration: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy worker bench chaos
+	$(BIN)/mypy worker devstack bench chaos
 
 # Generated code is reproducible from protos/job.proto; proto-check fails when it is stale.
 proto: install

@@ -15,7 +15,7 @@ Modules, one concern each:
 | ``stats.py`` | pure numbers: percentiles, Prometheus text, Triton batch statistics |
 | ``procstat.py`` | CPU time and peak RSS of a process, from ``/proc`` |
 | ``workload.py`` | inputs, jobs, publishing (backlog or paced), reading result records |
-| ``worker_proc.py`` | the product worker as a subprocess, sampled while it works |
+| ``sampling.py`` | the product worker (``devstack.worker_process``) sampled while it works |
 | ``runs.py`` | one backlog or paced run of the product worker, reduced to figures |
 | ``floor.py`` | the unavoidable image work in a tight loop |
 | ``naive.py`` | the naive one-message-at-a-time worker |

@@ -28,7 +28,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from worker.stack import Stack, create_bucket, temporary_env
+from devstack.stack import Stack, temporary_env
+from worker.provision import create_bucket
 
 #: Uploads per probe: a few hundred is a stable rate and costs well under a second or two.
 PROBE_UPLOADS = 300

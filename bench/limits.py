@@ -22,12 +22,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench import options, sim_model, workload
+from bench import options, procstat, sampling, sim_model, workload
 from bench.progress import Progress
 from bench.runs import MIN_RATE_PER_S, RUN_SLACK_S, Lab, RunFigures, RunSpec, backlog_run, started_lab
-from bench.worker_proc import WorkerFailed
+from devstack.probe import free_port
+from devstack.worker_process import WorkerFailed
 from worker.client import JobClient
-from worker.stack import free_port
 
 #: One thing changed per variant; ``TWO_PROCESSES`` runs the default settings in two processes.
 VARIANTS: dict[str, dict[str, str]] = {
@@ -69,14 +69,14 @@ async def two_processes(lab: Lab, spec: RunSpec) -> dict[str, Any]:
         with lab.worker(settings, f"{spec.name}-a", spec.env) as a, lab.worker(second, f"{spec.name}-b", spec.env) as b:
             deadline = time.monotonic() + RUN_SLACK_S + spec.jobs / MIN_RATE_PER_S
             while True:
-                samples = [await asyncio.to_thread(w.sample) for w in (a, b)]
+                samples = [await asyncio.to_thread(sampling.sample_of, w) for w in (a, b)]
                 done = sum(s.done for s in samples if s is not None)
                 if done >= spec.jobs:
                     break
-                if time.monotonic() > deadline or not (a.alive and b.alive):
+                if time.monotonic() > deadline or not (a.running and b.running):
                     raise WorkerFailed(f"two processes finished {done:.0f}/{spec.jobs}; see {a.log_path}")
                 await asyncio.sleep(POLL_S)
-            cpu_s = a.cpu_seconds() + b.cpu_seconds() - 2 * startup_cpu_s
+            cpu_s = procstat.cpu_seconds(a.pid) + procstat.cpu_seconds(b.pid) - 2 * startup_cpu_s
         timings = await workload.read_timings(client, jobs)
     done_timings = [t for t in timings if t.succeeded]
     wall_s = max(t.finished_at for t in done_timings) - min(t.started_at for t in done_timings)

@@ -23,7 +23,8 @@ from types import TracebackType
 
 from bench import procstat, workload
 from bench.runs import MIN_RATE_PER_S, RUN_SLACK_S, Lab, RunFigures, RunSpec, run_figures
-from bench.worker_proc import Sample, WorkerFailed
+from bench.sampling import Sample
+from devstack.worker_process import WorkerFailed, peak_rss_bytes
 from worker.client import JobClient
 
 #: Seconds the peer may take to import and build its clients.
@@ -95,7 +96,7 @@ class PeerProcess:
         return procstat.cpu_seconds(self._proc.pid)
 
     def peak_rss_mb(self) -> float:
-        return procstat.peak_rss_bytes(self._proc.pid) / 2**20
+        return peak_rss_bytes(self._proc.pid) / 2**20
 
     def stop(self) -> None:
         """Close its stdin (it shuts down and exits), then SIGKILL past the timeout; idempotent."""

@@ -1,10 +1,9 @@
-"""CPU time and peak resident memory of a process, read from ``/proc`` (Linux).
+"""CPU time of a process, read from ``/proc`` (Linux); its peak memory is ``devstack.worker_process``'s.
 
 ``cpu_seconds`` is user + system time of the process itself (``/proc/<pid>/stat``
 fields 14 and 15, in clock ticks); ``thread_cpu_seconds`` splits it by thread
 (``/proc/<pid>/task``) into the worker's event loop, its other Python threads and
-native threads; ``peak_rss_bytes`` is ``VmHWM``, the high-water mark of its resident
-set; ``schedstat_seconds`` is the main thread's (the worker's event loop) time on a
+native threads; ``schedstat_seconds`` is the main thread's (the worker's event loop) time on a
 CPU and time runnable but waiting for one (``/proc/<pid>/schedstat``), which tells
 a loop that is busy from a loop that is starved by the other processes on the cores.
 The parsers are pure and take the files' text.
@@ -47,17 +46,6 @@ def thread_cpu_s(stats: Mapping[int, str], pid: int) -> dict[str, float]:
         group = "event_loop" if tid == pid else "python_threads" if parse_comm(stat) == name else "native_threads"
         groups[group] += parse_cpu_seconds(stat)
     return groups
-
-
-def parse_peak_rss_bytes(status: str) -> int:
-    """``VmHWM`` in bytes from the text of ``/proc/<pid>/status``."""
-    for line in status.splitlines():
-        if line.startswith("VmHWM:"):
-            value, unit = line.split()[1:3]
-            if unit.lower() != "kb":
-                raise ValueError(f"unexpected VmHWM unit {unit!r}")
-            return int(value) * 1024
-    raise ValueError("no VmHWM in status")
 
 
 def parse_pgid(stat: str) -> int:
@@ -105,10 +93,6 @@ def thread_cpu_seconds(pid: int) -> dict[str, float]:
         except OSError:
             continue  # exited while we looked
     return thread_cpu_s(stats, pid)
-
-
-def peak_rss_bytes(pid: int) -> int:
-    return parse_peak_rss_bytes(Path(f"/proc/{pid}/status").read_text())
 
 
 def own_cpu_seconds() -> float:

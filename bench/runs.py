@@ -14,7 +14,7 @@ record written); ``service_ms`` is the sum of a job's stage timings (pull to
 record written); ``waiting_ms`` is the first less the second, job by job
 (publish to pull: on a quiet system, Pub/Sub's delivery). CPU per job is the
 worker's CPU time when its last job is done, less its CPU time just before it
-took its first message (its start-up; ``worker_proc.baseline_sample``, or
+took its first message (its start-up; ``sampling.baseline_sample``, or
 failing that an idle worker's, ``Lab.measure_startup``), over the jobs; the slope of CPU time against jobs
 done between 10 % and 90 % of the run is kept beside it as a cross-check, and the same difference per
 thread group (event loop, image pool, native threads) says where it went. The
@@ -38,11 +38,13 @@ from typing import Any, Protocol
 
 from bench import procstat, stats, workload
 from bench.progress import Progress
+from bench.sampling import Sample, baseline_sample, watch
 from bench.sim_model import MODEL_NAME
-from bench.worker_proc import Sample, WorkerFailed, WorkerProcess, baseline_sample, watch
+from devstack.probe import free_port
+from devstack.stack import Stack
+from devstack.worker_process import WorkerFailed, WorkerProcess
 from worker.client import JobClient
 from worker.config import Settings
-from worker.stack import Stack, create_bucket, free_port
 
 #: Slowest rate assumed when bounding how long a run may take, in jobs per second.
 MIN_RATE_PER_S = 2.0
@@ -161,7 +163,7 @@ class Lab:
         settings = Settings(**values)
         self.stack.provision(settings)
         for bucket in settings.allowed_output_buckets:
-            create_bucket(self.stack.gcs.url, settings.project, bucket)
+            self.stack.create_bucket(settings, bucket)
         return settings
 
     def worker(self, settings: Settings, name: str, env: Mapping[str, str]) -> WorkerProcess:
@@ -172,7 +174,7 @@ class Lab:
             "TRITONQ_ALLOWED_OUTPUT_BUCKETS": ",".join(settings.allowed_output_buckets),
             **env,
         }
-        return WorkerProcess(variables, self.state_dir / "logs" / f"worker-{name}.log", settings.http_port)
+        return WorkerProcess(variables, self.state_dir / "logs" / f"worker-{name}.log", http_port=settings.http_port)
 
     async def inputs(self, client: JobClient, size: int) -> workload.Inputs:
         if size not in self._inputs:
@@ -192,7 +194,7 @@ class Lab:
                 await asyncio.to_thread(worker.wait_ready)
                 ready_s = time.monotonic() - started
                 await asyncio.sleep(STARTUP_SETTLE_S)
-                measured.append((ready_s, worker.cpu_seconds()))
+                measured.append((ready_s, procstat.cpu_seconds(worker.pid)))
         self.startup_s, self.startup_cpu_s = min(measured, key=lambda m: m[1])
         return self.startup_s, self.startup_cpu_s
 
@@ -262,7 +264,7 @@ async def backlog_run(lab: Lab, spec: RunSpec, attach: Callable[[int], Attached]
             finally:
                 if profiler is not None:
                     profiler.stop()
-            peak_rss_mb = worker.peak_rss_mb()
+            peak_rss_mb = worker.peak_rss_bytes() / 2**20
         after = await asyncio.to_thread(lab.triton_snapshot)
         with lab.progress.bar("read records", spec.jobs) as update:
             timings = await workload.read_timings(client, jobs, update)
@@ -281,7 +283,7 @@ async def paced_run(lab: Lab, spec: RunSpec, rate_per_s: float) -> RunFigures:
             with lab.progress.bar(f"publish at {rate_per_s:g}/s", spec.jobs) as update:
                 await workload.publish_paced(client, jobs, rate_per_s, update)
             samples = await watch(worker, spec.jobs, _time_bound_s(spec.jobs), lambda _: None)
-            peak_rss_mb = worker.peak_rss_mb()
+            peak_rss_mb = worker.peak_rss_bytes() / 2**20
         after = await asyncio.to_thread(lab.triton_snapshot)
         with lab.progress.bar("read records", spec.jobs) as update:
             timings = await workload.read_timings(client, jobs, update)

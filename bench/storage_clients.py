@@ -17,9 +17,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from bench import procstat
-from worker.demo import sample_image
+from devstack.components import GcsEmulator
+from devstack.samples import sample_image
 from worker.jobs import GcsRef
-from worker.stack import GcsEmulator, create_bucket
+from worker.provision import create_bucket
 from worker.storage import Storage
 
 JOBS = 600

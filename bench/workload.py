@@ -1,6 +1,6 @@
 """The load: input images in GCS, jobs for the simulated GPU, publishing them, and reading their records back.
 
-Inputs are a few deterministic photo-like JPEGs per size (``worker.demo.sample_image``)
+Inputs are a few deterministic photo-like JPEGs per size (``devstack.samples.sample_image``)
 uploaded once; each job names one of them by URI and has its own ``job_id``, so
 every job reads, infers and writes for real. Jobs are published either ahead of
 the worker (a backlog) or paced at a fixed rate (open loop: the schedule does
@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from bench.sim_model import MODEL_NAME
+from devstack.samples import sample_image
 from worker.client import JobClient, build_job
-from worker.demo import sample_image
 from worker.jobs import ImageJob, JobResult
 
 #: Distinct input images per size: enough that caches do not flatter, few enough to upload quickly.

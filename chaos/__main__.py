@@ -22,10 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from chaos import pubsub_scenarios, scenarios
-from chaos.harness import MODEL, Report, verify_duplicate_detection
+from chaos.accounting import Report, verify_duplicate_detection
+from chaos.harness import MODEL
 from chaos.pubsub_proxy import PubsubFaults
+from devstack.components import DEFAULT_MODEL_REPOSITORY
+from devstack.stack import Stack
 from worker.config import Settings
-from worker.stack import DEFAULT_MODEL_REPOSITORY, Stack
 
 OUTPUT = Path("build/chaos.json")
 STATE_DIR = Path("build/chaos-stack")

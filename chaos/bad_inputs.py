@@ -20,7 +20,7 @@ from functools import cache
 
 from PIL import Image
 
-from worker.demo import sample_image
+from devstack.samples import sample_image
 
 #: Seconds between two ``/healthz`` requests; each waits at most ``PROBE_TIMEOUT_S``.
 PROBE_INTERVAL_S = 0.1
@@ -112,3 +112,20 @@ class HealthProbe:
             "healthz_p99_s": round(ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))], 3),
             "healthz_over_1s": sum(1 for s in self.latencies_s if s > 1.0),
         }
+
+
+@cache
+def huge_png(width: int = 30000, height: int = 30000) -> bytes:
+    """A valid 30000x30000 1-bit PNG (about 100 KB, 900 megapixels): a decompression bomb."""
+    row = b"\x00" * (1 + (width + 7) // 8)  # filter byte + packed bits
+    compressor = zlib.compressobj(9)
+    rows_per_chunk = 1000
+    chunks = [compressor.compress(row * rows_per_chunk) for _ in range(height // rows_per_chunk)]
+    chunks.append(compressor.compress(row * (height % rows_per_chunk)))
+    chunks.append(compressor.flush())
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"".join(chunks)) + chunk(b"IEND", b"")

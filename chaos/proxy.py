@@ -23,7 +23,7 @@ import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-from worker.stack import free_port
+from devstack.probe import free_port
 
 T = TypeVar("T")
 

@@ -4,19 +4,22 @@ Each runs ``tritonq run`` with ``PUBSUB_EMULATOR_HOST`` pointing at the proxy
 (the harness publishes and reads results around it) and accounts for every
 job from GCS as the other scenarios do. Subscriptions have no dead-letter
 policy: with one, the emulator never redelivers a message nacked after its
-stream ended (``worker/stack.py: provision_pubsub``), which these scenarios
+stream ended (``worker/provision.py: provision_pubsub``), which these scenarios
 end on purpose; the service does.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 
-from chaos.harness import Report, Run, WorkerProcess
+from chaos.accounting import Report
+from chaos.harness import Run
 from chaos.pubsub_proxy import PubsubFaults, PubsubProxy
 from chaos.scenarios import EXIT_SLACK_S, settle_timeout_s
-from worker.stack import Stack
+from devstack.stack import Stack
+from devstack.worker_process import WorkerProcess
 
 #: Seconds the NOT_FOUND scenario lets the worker keep failing before it must give up (its ``pubsub_give_up_s``).
 GIVE_UP_S = 20.0
@@ -25,11 +28,11 @@ GIVE_UP_S = 20.0
 async def _serve(run: Run, worker: WorkerProcess, jobs: int) -> tuple[float, int]:
     """Start ``worker``, wait until every job is accounted for; returns the seconds it took from ready and its exit."""
     worker.start()
-    await worker.wait_ready(settle_timeout_s(jobs))
+    await asyncio.to_thread(worker.wait_ready, settle_timeout_s(jobs))
     ready_at = time.monotonic()
     await run.settle(settle_timeout_s(jobs), alive=worker)
     serving_s = time.monotonic() - ready_at
-    code, _ = await worker.terminate(60)
+    code, _ = await asyncio.to_thread(worker.terminate, 60)
     return serving_s, code
 
 
@@ -50,7 +53,7 @@ async def through_proxy(
             first_s = time.monotonic() - started
             await run.settle(settle_timeout_s(jobs), alive=worker)
             settled_s = time.monotonic() - started
-            code, _ = await worker.terminate(60)
+            code, _ = await asyncio.to_thread(worker.terminate, 60)
         finally:
             run.stop_workers()
     finally:
@@ -110,7 +113,7 @@ async def not_found(stack: Stack, workdir: Path, *, jobs: int = 500, give_up_s: 
         try:
             failing.start()
             # Triton's readiness comes first; the window starts with the first subscription.
-            code, exit_s = await failing.wait_exit(give_up_s + settle_timeout_s(0) + EXIT_SLACK_S)
+            code, exit_s = await asyncio.to_thread(failing.wait_exit, give_up_s + settle_timeout_s(0) + EXIT_SLACK_S)
             serving_s, drain_code = await _serve(run, drainer, jobs)
         finally:
             run.stop_workers()

@@ -18,11 +18,14 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from chaos.accounting import Report
 from chaos.bad_inputs import HealthProbe
-from chaos.harness import BAD_KINDS, Report, Run
+from chaos.bad_messages import BAD_KINDS
+from chaos.harness import Run
 from chaos.proxy import FaultProxy
+from devstack.components import Triton
+from devstack.stack import Stack
 from worker.consumer import LEASE_EXTENSION_S
-from worker.stack import Stack, Triton
 
 #: Seconds a worker gets to exit after SIGTERM beyond its grace period: the
 #: interpreter's own exit (threads, gRPC channels) on a loaded 2-core machine.
@@ -75,7 +78,7 @@ async def worker_killed(stack: Stack, workdir: Path, *, jobs: int = 1000, kills:
     """Scenario 1: SIGKILL the worker ``kills`` times at random moments while ``jobs`` run; restart it each time."""
     rng = random.Random(seed)
     # Without a dead-letter policy: with one, the emulator never redelivers a message
-    # orphaned twice (redelivered after one kill, its holder killed again); see worker/stack.py.
+    # orphaned twice (redelivered after one kill, its holder killed again); see worker/provision.py.
     run = Run(stack, "worker_killed", workdir, dead_letter=False, max_in_flight=32, max_messages=64)
     await run.publish_good(jobs, seed)
     # Kill points: random shares of the run, apart from each other, all before the end.
@@ -84,7 +87,7 @@ async def worker_killed(stack: Stack, workdir: Path, *, jobs: int = 1000, kills:
     kill_log: list[dict[str, float]] = []
     try:
         worker.start()
-        await worker.wait_ready()
+        await asyncio.to_thread(worker.wait_ready)
         done = 0
         for threshold in thresholds:
             # Kill only a worker that is working: past the threshold and past its own first job, but
@@ -97,11 +100,11 @@ async def worker_killed(stack: Stack, workdir: Path, *, jobs: int = 1000, kills:
             worker.kill()
             kill_log.append({"after_succeeded": done})
             worker.start()
-            await worker.wait_ready()
+            await asyncio.to_thread(worker.wait_ready)
         last_start = time.monotonic()
         await run.settle(settle_timeout_s(jobs) + orphan_allowance_s(kills), alive=worker)
         settled_s = time.monotonic() - last_start
-        code, _ = await worker.terminate(60)
+        code, _ = await asyncio.to_thread(worker.terminate, 60)
     finally:
         run.stop_workers()
     return await run.report(kills=kill_log, last_worker_settled_s=round(settled_s, 1), last_exit_code=code)
@@ -114,7 +117,7 @@ async def triton_restarted(stack: Stack, workdir: Path, triton: Triton, *, jobs:
     worker = run.worker()
     try:
         worker.start()
-        await worker.wait_ready()
+        await asyncio.to_thread(worker.wait_ready)
         await run.wait_progress(fault_point(jobs), settle_timeout_s(jobs), alive=worker)
         done_at_kill = await run.succeeded()
         triton.kill()
@@ -123,7 +126,7 @@ async def triton_restarted(stack: Stack, workdir: Path, triton: Triton, *, jobs:
         restart_s = asyncio.get_running_loop().time() - restart_started
         await run.settle(settle_timeout_s(jobs), alive=worker)
         alive = worker.running
-        code, _ = await worker.terminate(60)
+        code, _ = await asyncio.to_thread(worker.terminate, 60)
     finally:
         run.stop_workers()
         if not triton.running:
@@ -157,7 +160,7 @@ async def storage_outage(
         worker = run.worker()
         try:
             worker.start()
-            await worker.wait_ready()
+            await asyncio.to_thread(worker.wait_ready)
             await run.wait_progress(fault_point(jobs), settle_timeout_s(jobs), alive=worker)
             done_at_cut = await run.succeeded()
             proxy.cut()
@@ -170,7 +173,7 @@ async def storage_outage(
             down_s = loop.time() - cut_at
             await run.settle(settle_timeout_s(jobs), alive=worker)
             alive = worker.running
-            code, _ = await worker.terminate(60)
+            code, _ = await asyncio.to_thread(worker.terminate, 60)
         finally:
             run.stop_workers()
     finally:
@@ -220,7 +223,7 @@ async def bad_messages(
     probe = HealthProbe(f"http://127.0.0.1:{worker.port}/healthz")
     try:
         worker.start()
-        await worker.wait_ready()
+        await asyncio.to_thread(worker.wait_ready)
         probe.start()
         async with run.client() as client:
             uris = await run.inputs(client)
@@ -234,7 +237,7 @@ async def bad_messages(
         series = await asyncio.to_thread(version_series, worker.port)
         alive = worker.running
         probe.stop()
-        code, _ = await worker.terminate(60)
+        code, _ = await asyncio.to_thread(worker.terminate, 60)
     finally:
         probe.stop()
         run.stop_workers()
@@ -281,15 +284,15 @@ async def sigterm(
     second = run.worker("second")
     try:
         first.start()
-        await first.wait_ready()
+        await asyncio.to_thread(first.wait_ready)
         await run.wait_progress(max(1, jobs // 10), settle_timeout_s(jobs), alive=first)
-        code, exit_s = await first.terminate(grace_s + EXIT_SLACK_S)
+        code, exit_s = await asyncio.to_thread(first.terminate, grace_s + EXIT_SLACK_S)
         done_by_first = await run.succeeded()
         second.start()
-        await second.wait_ready()
+        await asyncio.to_thread(second.wait_ready)
         # No orphan allowance: a stopping worker ends its stream cleanly, and the emulator drops it.
         await run.settle(settle_timeout_s(jobs), alive=second)
-        second_code, _ = await second.terminate(60)
+        second_code, _ = await asyncio.to_thread(second.terminate, 60)
     finally:
         run.stop_workers()
     lines = first.log_lines()
@@ -321,12 +324,12 @@ async def backlog_memory(
     worker = run.worker()
     try:
         worker.start()
-        await worker.wait_ready()
+        await asyncio.to_thread(worker.wait_ready)
         if drain is None:
             await run.settle(settle_timeout_s(backlog), alive=worker)
         else:
             await run.wait_progress(drain, settle_timeout_s(drain), alive=worker)
-        code, _ = await worker.terminate(60)
+        code, _ = await asyncio.to_thread(worker.terminate, 60)
     finally:
         run.stop_workers()
     report = await run.report(backlog=backlog, drained=drain or backlog, exit_code=code)

@@ -1,6 +1,6 @@
 """Fixtures that start the real components: the Pub/Sub emulator, the GCS emulator, Triton, and the worker.
 
-The stack starts once per session through ``worker/stack.py`` (the code
+The stack starts once per session through ``devstack/stack.py`` (the code
 ``tritonq stack`` and ``make demo`` use) and stops when the session ends.
 Every test that publishes gets its own topic and subscription, so one test's
 messages never reach another's worker.
@@ -18,9 +18,10 @@ from typing import Any
 
 import pytest
 
+from devstack.components import Triton
+from devstack.stack import Stack
 from worker.config import Settings
 from worker.service import Worker
-from worker.stack import Stack, Triton, provision_pubsub
 
 #: Seconds a test worker gets to stop; its stop is ordered and cannot hang longer.
 WORKER_STOP_TIMEOUT_S = 60.0
@@ -65,7 +66,7 @@ def make_settings(stack: Stack) -> Callable[..., Settings]:
         }
         values.update(overrides)
         settings = Settings(**values)
-        provision_pubsub(settings, stack.pubsub.host)
+        stack.provision_pubsub(settings)
         return settings
 
     return make

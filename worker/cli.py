@@ -1,8 +1,10 @@
-"""The ``tritonq`` command: ``run``, ``publish``, ``stack``, ``demo``, ``init``, ``settings``.
+"""The ``tritonq`` command: ``run``, ``publish``, ``init``, ``schema``, ``settings``; in a checkout ``stack``, ``demo``.
 
-This is the face of the worker and the only place that handles signals:
-SIGTERM and SIGINT become ``Worker.request_stop()`` (or stop the local stack).
-It also owns the worker process's interpreter settings (``tune_gc``).
+This is the face of the worker and the product's only place that handles signals:
+SIGTERM and SIGINT become ``Worker.request_stop()``. It also owns the worker
+process's interpreter settings (``tune_gc``). ``stack`` and ``demo`` belong to
+the development package ``devstack``, imported only when one of them runs: the
+worker image ships without it.
 """
 
 from __future__ import annotations
@@ -11,14 +13,15 @@ import argparse
 import asyncio
 import contextlib
 import gc
+import importlib
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
 
 from google.protobuf import json_format
 
@@ -74,13 +77,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "publish":
         return asyncio.run(_publish(settings, args))
     if args.command == "stack":
-        return _run_stack(settings, args.state_dir)
+        code: int = _development("devstack.stack").serve(settings, args.state_dir)
+        return code
     if args.command == "demo":
-        from worker.demo import run_demo
-
-        return run_demo(args.jobs, args.state_dir)
+        code = _development("devstack.demo").run_demo(args.jobs, args.state_dir)
+        return code
     if args.command == "init":
-        from worker.stack import create_bucket, provision_pubsub
+        from worker.provision import create_bucket, provision_pubsub
 
         provision_pubsub(settings)
         print(f"created {settings.topic_path}, {settings.subscription_path} and its dead-letter topic")
@@ -238,46 +241,18 @@ def summary(results: Sequence[JobResult], waited_s: float) -> str:
     )
 
 
-def _run_stack(settings: Settings, state_dir: Path) -> int:
-    from worker.stack import Stack
-
-    stack = Stack(state_dir=state_dir.resolve())
-    if not settings.results_topic:
-        settings = settings.model_copy(update={"results_topic": "tritonq-job-results"})
-
-    def stop(*_: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, stop)
+def _development(module: str) -> ModuleType:
+    """A module of the development package, or a clear exit where it is not installed (the worker image)."""
     try:
-        stack.start(progress=lambda text: print(f"stack: {text}", flush=True))
-        stack.provision(settings)
-        env_file = state_dir / "stack.env"
-        stack.write_env_file(settings, env_file)
-        print(
-            f"stack: ready; `source {env_file} && tritonq run` serves it. Ctrl-C stops everything.",
-            flush=True,
-        )
-        signal.pause()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        print("stack: stopping", flush=True)
-        stack.stop()
-    return 0
-
-
-def spawn_worker(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
-    """Start ``tritonq run`` as a child process (demo, benchmark, fault tests)."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("ab") as log:
-        return subprocess.Popen(
-            [sys.executable, "-m", "worker.cli", "run"],
-            env={**os.environ, **env},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("devstack", module):
+            raise
+        raise SystemExit(
+            f"tritonq: {module} is not installed: `tritonq stack` and `tritonq demo` run from a checkout of the "
+            "repository (`make install`); the worker image has the production commands only "
+            "(run, publish, init, schema, settings)"
+        ) from None
 
 
 if __name__ == "__main__":

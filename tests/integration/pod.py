@@ -18,9 +18,11 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from devstack.components import DEFAULT_MODEL_REPOSITORY, Triton
+from devstack.probe import free_port, wait_until
+from devstack.stack import Stack, ensure_models
 from tests.integration.test_deploy import REPO, container, pod_spec, render
 from worker.config import Settings
-from worker.stack import DEFAULT_MODEL_REPOSITORY, Stack, Triton, ensure_models, free_port, wait_until
 
 #: Seconds the worker child gets to become ready (Triton is already up).
 WORKER_READY_S = 120.0

@@ -14,11 +14,11 @@ from google.cloud import pubsub_v1
 from PIL import Image
 
 from bench.peer import Peer
+from devstack.samples import sample_image
+from devstack.stack import Stack
 from worker.client import JobClient, build_job
 from worker.config import Settings
-from worker.demo import sample_image
 from worker.jobs import ImageJob, JobResult
-from worker.stack import Stack
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -17,10 +17,13 @@ from pathlib import Path
 import pytest
 
 from chaos import scenarios
-from chaos.harness import BAD_KINDS, MODEL, Report, verify_duplicate_detection
+from chaos.accounting import Report, verify_duplicate_detection
+from chaos.bad_messages import BAD_KINDS
+from chaos.harness import MODEL
+from devstack.components import DEFAULT_MODEL_REPOSITORY, Triton
+from devstack.stack import Stack
 from tests.integration.versioned import versioned_storage
 from worker.consumer import LEASE_EXTENSION_S
-from worker.stack import DEFAULT_MODEL_REPOSITORY, Stack, Triton
 
 pytestmark = pytest.mark.timeout(240)
 

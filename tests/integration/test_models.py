@@ -2,7 +2,7 @@
 inference per model with the contract's shapes and properties, errors per request, dynamic batching,
 the ensemble, and adding (then rolling back) a version with explicit model control.
 
-Uses the session fixture ``triton`` (tests/conftest.py: Triton started through ``worker/stack.py`` on
+Uses the session fixture ``triton`` (tests/conftest.py: Triton started through ``devstack/stack.py`` on
 ``triton/model_repository``, exposing ``grpc_url``, ``http_url`` and ``metrics_url``). The model list
 comes from ``triton/scripts/render_repository.py``, the single source of truth of the repository.
 """
@@ -251,7 +251,7 @@ def test_dynamic_batcher_forms_batches_under_concurrent_load(triton: Any, model:
 
 def test_version_3_loads_and_rolls_back_without_restart(tmp_path: Path) -> None:
     """The README's procedure, for real: add enhance/3, load it (explicit model control), roll it back."""
-    from worker.stack import Triton
+    from devstack.components import Triton
 
     repo = tmp_path / "repo"
     shutil.copytree(REPOSITORY / "enhance", repo / "enhance", ignore=shutil.ignore_patterns("__pycache__"))
@@ -284,7 +284,7 @@ def test_gpu_profile_loads_in_real_triton_except_what_needs_a_gpu(tmp_path: Path
     """The rendered gpu repository, served by the same Triton: every model that does not need a GPU
     (all but the KIND_GPU onnxruntime models, which need a GPU and Triton's onnxruntime backend) loads
     READY with the gpu profile's batching and queue settings, and the gpu-only ones are refused cleanly."""
-    from worker.stack import Triton
+    from devstack.components import Triton
 
     repo = tmp_path / "gpu"
     render_repository.render("gpu", repo)

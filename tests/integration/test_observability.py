@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
-import subprocess
-import sys
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -17,11 +13,13 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from devstack.probe import free_port
+from devstack.samples import sample_image
+from devstack.stack import Stack
+from devstack.worker_process import WorkerProcess
 from worker.client import JobClient, build_job
 from worker.config import Settings
-from worker.demo import sample_image
 from worker.jobs import JobResult
-from worker.stack import Stack, free_port
 
 pytestmark = pytest.mark.timeout(300)
 STAGES = ("fetch", "preprocess", "infer", "postprocess", "write")
@@ -124,14 +122,8 @@ async def test_a_worker_whose_subscription_keeps_failing_gives_up(make_settings:
 def test_every_log_line_of_a_job_is_json_with_its_fields(
     stack: Stack, make_settings: Callable[..., Settings], tmp_path: Path
 ) -> None:
-    settings = make_settings(http_port=free_port(), log_success_per_s=1000)
-    env = {
-        **os.environ,
-        **stack.environment(settings),
-        "TRITONQ_HTTP_PORT": str(settings.http_port),
-        "TRITONQ_LOG_FORMAT": "json",
-        "TRITONQ_LOG_SUCCESS_PER_S": "1000",
-    }
+    settings = make_settings(log_success_per_s=1000)
+    env = {**stack.environment(settings), "TRITONQ_LOG_FORMAT": "json", "TRITONQ_LOG_SUCCESS_PER_S": "1000"}
     log_path = tmp_path / "worker.log"
 
     async def publish_and_wait() -> list[JobResult]:
@@ -143,13 +135,13 @@ def test_every_log_line_of_a_job_is_json_with_its_fields(
             await client.publish(bad)
             return [await client.wait(good, timeout_s=120), await client.wait(bad, timeout_s=120)]
 
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "worker.cli", "run"], env=env, stdout=log, stderr=log)
+    worker = WorkerProcess(env, log_path)
+    worker.start()
     try:
         good, bad = asyncio.run(publish_and_wait())
     finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0
+        code, _ = worker.terminate(60)
+    assert code == 0
     assert good.traceparent == TRACEPARENT
     assert bad.error_code == "input_not_found"
 

@@ -33,6 +33,9 @@ from typing import Any
 
 import pytest
 
+from devstack.probe import wait_until
+from devstack.samples import sample_image
+from devstack.stack import Stack
 from tests.integration.pod import (
     BROKEN_MODEL,
     PodIds,
@@ -47,9 +50,7 @@ from tests.integration.pod import (
 from tests.integration.test_deploy import container, render
 from worker.client import JobClient, build_job
 from worker.config import Settings
-from worker.demo import sample_image
 from worker.jobs import JobResult
-from worker.stack import Stack, wait_until
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -16,12 +16,12 @@ import pytest
 from google.api_core.exceptions import DeadlineExceeded
 from google.cloud import pubsub_v1
 
+from devstack.samples import sample_image
+from devstack.stack import Stack
 from tests.integration.test_end_to_end import triton_counts
 from worker.client import JobClient, build_job
 from worker.config import Settings
-from worker.demo import sample_image
 from worker.jobs import PRIORITIES, JobResult
-from worker.stack import Stack
 from worker.triton import TritonStream
 
 pytestmark = pytest.mark.timeout(300)

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 from chaos import pubsub_scenarios
-from chaos.harness import Report
+from chaos.accounting import Report
 from chaos.pubsub_proxy import PubsubFaults
+from devstack.stack import Stack
 from tests.integration.versioned import versioned_storage
-from worker.stack import Stack
 
 pytestmark = pytest.mark.timeout(300)
 

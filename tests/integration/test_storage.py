@@ -10,9 +10,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from devstack.stack import Stack
 from worker.errors import PermanentJobError, TransientError
 from worker.jobs import GcsRef
-from worker.stack import Stack, create_bucket
+from worker.provision import create_bucket
 from worker.storage import Storage
 
 

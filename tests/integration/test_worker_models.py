@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from devstack.components import DEFAULT_MODEL_REPOSITORY as REPOSITORY
+from devstack.components import Triton
+from devstack.samples import sample_image
 from worker.client import JobClient, build_job
 from worker.config import Settings
-from worker.demo import sample_image
 from worker.jobs import JobResult
 from worker.routing import choose_version, parse_routes
-from worker.stack import DEFAULT_MODEL_REPOSITORY as REPOSITORY
-from worker.stack import Triton
 from worker.triton import TritonControl
 
 pytestmark = pytest.mark.timeout(400)

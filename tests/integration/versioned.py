@@ -6,7 +6,8 @@ import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from worker.stack import GcsEmulator, Stack, temporary_env
+from devstack.components import GcsEmulator
+from devstack.stack import Stack, temporary_env
 
 
 @contextlib.contextmanager

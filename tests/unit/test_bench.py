@@ -12,8 +12,8 @@ from PIL import Image
 
 from bench import limits, options, plot, procstat, profiler, report, runs, stats, targets
 from bench.runs import TritonSnapshot
+from bench.sampling import Sample, baseline_sample
 from bench.sim_model import MODEL_NAME, REPOSITORY, SimProfile, read_config, with_profile
-from bench.worker_proc import Sample, baseline_sample
 from bench.workload import JobTiming
 from worker.jobs import JobResult
 
@@ -104,10 +104,6 @@ def test_proc_parsers() -> None:
     # A command name with a space and a parenthesis, as /proc allows.
     stat = "4242 (python (x) 3) S 1 4242 4242 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 9 0 1000 0 0"
     assert procstat.parse_cpu_seconds(stat, ticks_per_s=100) == 3.0
-    status = "Name:\tpython\nVmPeak:\t  400000 kB\nVmHWM:\t  170000 kB\nVmRSS:\t  160000 kB\n"
-    assert procstat.parse_peak_rss_bytes(status) == 170000 * 1024
-    with pytest.raises(ValueError):
-        procstat.parse_peak_rss_bytes("Name:\tpython\n")
 
 
 def test_sim_profile_parse_and_config() -> None:

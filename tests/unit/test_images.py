@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from devstack.samples import sample_image
 from worker import images
-from worker.demo import sample_image
 from worker.errors import PermanentJobError
 
 LIMITS = images.DecodeLimits(max_bytes=5_000_000, max_pixels=2_000_000)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from worker.demo import sample_image
+from devstack.samples import sample_image
 from worker.errors import PermanentJobError
 from worker.images import DecodeLimits
 from worker.models import ModelSpec, Tensor, decode_detections, nms, parse_params, top_k

@@ -21,11 +21,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from devstack.samples import sample_image
 from worker.catalog import Catalog
 from worker.client import build_job, encode_job
 from worker.config import Settings
 from worker.consumer import Delivery
-from worker.demo import sample_image
 from worker.errors import PermanentJobError, TransientError
 from worker.jobs import GcsRef
 from worker.models import ModelSpec

@@ -1,36 +1,26 @@
-"""The embedded local stack: the real Pub/Sub emulator, GCS emulator and Triton, on free ports.
+"""The local stack's components: the real Pub/Sub emulator, GCS emulator and Triton, each a child process.
 
-One code path starts the components for ``tritonq stack``, ``make demo``, the
-integration tests and the benchmark, so what the tests exercise is what a user
-runs. Each component is a child process in its own process group (so stopping
-it also stops anything it spawned, such as Triton's Python-backend stubs),
-started on a port picked free at run time, and polled for readiness against a
-deadline. ``Stack.provision`` creates the topic, dead-letter topic,
-subscription and buckets named by a ``Settings``.
+Each component is started on a port picked free at run time, in its own
+process group (so stopping it also stops anything it spawned, such as
+Triton's Python-backend stubs), and polled for readiness against a deadline.
+``devstack.stack.Stack`` starts the three together.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
-import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
 import tempfile
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from worker.config import Settings
+from devstack.probe import StackError, free_port, http_ok, wait_until
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_REPOSITORY = REPO_ROOT / "triton" / "model_repository"
@@ -38,8 +28,6 @@ DEFAULT_MODEL_REPOSITORY = REPO_ROOT / "triton" / "model_repository"
 #: Seconds a component may take to answer its readiness check. Triton loads
 #: every model of the repository, one Python stub process each, on 2 cores.
 READY_TIMEOUT_S = 180.0
-#: Seconds between readiness polls: short enough that tests do not wait idle.
-POLL_INTERVAL_S = 0.1
 #: Seconds a component gets to exit after SIGTERM before it is killed.
 STOP_TIMEOUT_S = 15.0
 #: Where the GCS emulator keeps its objects when that tmpfs can hold them: on
@@ -50,38 +38,8 @@ TMPFS_ROOT = Path("/dev/shm")
 TMPFS_MIN_FREE_BYTES = 4 << 30
 
 
-class StackError(RuntimeError):
-    """A component could not be found, started or provisioned."""
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 at the time of the call."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def _site_packages() -> Path:
     return Path(sysconfig.get_paths()["purelib"])
-
-
-def wait_until(check: Callable[[], bool], what: str, timeout_s: float, alive: Callable[[], bool]) -> None:
-    """Poll ``check`` until it is true; fail if ``alive`` turns false or the deadline passes."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if not alive():
-            raise StackError(f"{what} exited before it was ready")
-        with contextlib.suppress(OSError, urllib.error.URLError):
-            if check():
-                return
-        time.sleep(POLL_INTERVAL_S)
-    raise StackError(f"{what} not ready after {timeout_s:.0f} s")
-
-
-def _http_ok(url: str) -> bool:
-    with urllib.request.urlopen(url, timeout=2) as response:
-        return bool(response.status == 200)
 
 
 @dataclass
@@ -177,7 +135,7 @@ class PubSubEmulator(Component):
         return [java, "-jar", str(self.jar()), "--host=127.0.0.1", f"--port={self.port}"]
 
     def ready(self) -> bool:
-        return _http_ok(f"http://127.0.0.1:{self.port}/")
+        return http_ok(f"http://127.0.0.1:{self.port}/")
 
     @property
     def host(self) -> str:
@@ -236,7 +194,7 @@ class GcsEmulator(Component):
             self._own_root = False
 
     def ready(self) -> bool:
-        return _http_ok(f"{self.url}/storage/v1/b")
+        return http_ok(f"{self.url}/storage/v1/b")
 
     @property
     def url(self) -> str:
@@ -310,7 +268,7 @@ class Triton(Component):
         return env
 
     def ready(self) -> bool:
-        return _http_ok(f"{self.http_url}/v2/health/ready")
+        return http_ok(f"{self.http_url}/v2/health/ready")
 
     @property
     def grpc_url(self) -> str:
@@ -323,169 +281,3 @@ class Triton(Component):
     @property
     def metrics_url(self) -> str:
         return f"http://127.0.0.1:{self.metrics_port}/metrics"
-
-
-@dataclass
-class Stack:
-    """The three components, started together and provisioned from one ``Settings``."""
-
-    state_dir: Path
-    model_repository: Path = DEFAULT_MODEL_REPOSITORY
-    #: ``filesystem`` (flat cost as buckets fill) or ``memory`` (keeps object versions).
-    gcs_backend: str = "filesystem"
-    pubsub: PubSubEmulator = field(init=False)
-    gcs: GcsEmulator = field(init=False)
-    triton: Triton = field(init=False)
-
-    def __post_init__(self) -> None:
-        logs = self.state_dir / "logs"
-        self.pubsub = PubSubEmulator("pubsub", logs)
-        self.gcs = GcsEmulator("gcs", logs, backend=self.gcs_backend)
-        self.triton = Triton("triton", logs, model_repository=self.model_repository)
-
-    def start(self, progress: Callable[[str], None] = lambda _: None) -> None:
-        ensure_models(self.model_repository)
-        try:
-            for component in (self.pubsub, self.gcs, self.triton):
-                progress(f"starting {component.name}")
-                component.start()
-                progress(f"{component.name} ready")
-        except BaseException:
-            self.stop()
-            raise
-
-    def stop(self) -> None:
-        for component in (self.triton, self.gcs, self.pubsub):
-            component.stop()
-
-    def with_gcs(self, gcs: GcsEmulator) -> Stack:
-        """This stack's Pub/Sub and Triton beside another GCS emulator (one with the other backend)."""
-        twin = copy.copy(self)
-        twin.gcs = gcs
-        return twin
-
-    def environment(self, settings: Settings) -> dict[str, str]:
-        """The variables that point clients and the worker at this stack."""
-        return {
-            "PUBSUB_EMULATOR_HOST": self.pubsub.host,
-            "STORAGE_EMULATOR_HOST": self.gcs.url,
-            "TRITONQ_PROJECT": settings.project,
-            "TRITONQ_TOPIC": settings.topic,
-            "TRITONQ_SUBSCRIPTION": settings.subscription,
-            "TRITONQ_DEAD_LETTER_TOPIC": settings.dead_letter_topic,
-            "TRITONQ_INPUT_BUCKET": settings.input_bucket,
-            "TRITONQ_OUTPUT_BUCKET": settings.output_bucket,
-            "TRITONQ_TRITON_URL": self.triton.grpc_url,
-            "TRITONQ_TRITON_METRICS_URL": self.triton.metrics_url,
-            **({"TRITONQ_RESULTS_TOPIC": settings.results_topic} if settings.results_topic else {}),
-        }
-
-    def write_env_file(self, settings: Settings, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        lines = [f"export {key}={value}" for key, value in self.environment(settings).items()]
-        path.write_text("\n".join(lines) + "\n")
-
-    def environ(self, settings: Settings) -> contextlib.AbstractContextManager[None]:
-        """Point this process's clients at the stack for the duration of a ``with`` block."""
-        return temporary_env(self.environment(settings))
-
-    def provision(self, settings: Settings) -> None:
-        """Create the topics, the subscription (with its dead-letter policy) and the buckets."""
-        provision_pubsub(settings, self.pubsub.host)
-        for bucket in {settings.input_bucket, settings.output_bucket}:
-            create_bucket(self.gcs.url, settings.project, bucket)
-
-
-def provision_pubsub(settings: Settings, emulator_host: str | None = None, *, dead_letter: bool = True) -> None:
-    """Create the jobs topic, dead-letter topic and subscription if missing (idempotent).
-
-    The subscription has a dead-letter policy and no retry policy, unlike the
-    production one (README, Deploy): Google's emulator, given both a retry and
-    a dead-letter policy, never redelivers a message whose holder died or whose
-    stream closed (measured while writing the chaos scenarios), which would
-    turn every worker crash or restart into lost jobs in the tests. Without a
-    retry policy the worker paces redeliveries itself (a nacked message's
-    deadline is set to a backoff, ``worker/consumer.py``).
-    ``dead_letter=False`` leaves the dead-letter policy off too, for the fault
-    scenarios that stop workers: with one, the emulator also never redelivers a
-    message orphaned twice (redelivered, then its second holder killed), nor
-    one nacked after its stream closed (a SIGTERM), as real Pub/Sub does.
-    These were seen with deadlines of 90 s or so, before it was found that the
-    emulator keeps sending expired messages on dead streams, 10 s a round
-    (``chaos/scenarios.py: orphan_allowance_s``); some may be that, only slower.
-    """
-    from google.api_core import exceptions
-    from google.cloud import pubsub_v1
-
-    env = {"PUBSUB_EMULATOR_HOST": emulator_host} if emulator_host else {}
-    with temporary_env(env):
-        publisher = pubsub_v1.PublisherClient()
-        subscriber = pubsub_v1.SubscriberClient()
-        dead_letter_topic = publisher.topic_path(settings.project, settings.dead_letter_topic)
-        for topic in (settings.topic_path, dead_letter_topic):
-            with contextlib.suppress(exceptions.AlreadyExists):
-                publisher.create_topic(name=topic)
-        dead_letter_sub = subscriber.subscription_path(settings.project, settings.dead_letter_topic)
-        with contextlib.suppress(exceptions.AlreadyExists):
-            subscriber.create_subscription(name=dead_letter_sub, topic=dead_letter_topic)
-        request: dict[str, Any] = {
-            "name": settings.subscription_path,
-            "topic": settings.topic_path,
-            # Long enough for a GPU batch; the client extends leases beyond it.
-            "ack_deadline_seconds": 60,
-        }
-        if dead_letter:
-            request["dead_letter_policy"] = {
-                "dead_letter_topic": dead_letter_topic,
-                "max_delivery_attempts": settings.max_delivery_attempts,
-            }
-        with contextlib.suppress(exceptions.AlreadyExists):
-            subscriber.create_subscription(request=request)
-        if settings.results_topic:
-            results = settings.results_topic_path
-            with contextlib.suppress(exceptions.AlreadyExists):
-                publisher.create_topic(name=results)
-            with contextlib.suppress(exceptions.AlreadyExists):
-                subscriber.create_subscription(
-                    name=subscriber.subscription_path(settings.project, f"{settings.results_topic}-sub"), topic=results
-                )
-        subscriber.close()
-
-
-def create_bucket(gcs_url: str, project: str, bucket: str) -> None:
-    """Create a bucket on the GCS emulator; an existing one is fine."""
-    request = urllib.request.Request(
-        f"{gcs_url}/storage/v1/b?project={project}",
-        data=json.dumps({"name": bucket}).encode(),
-        headers={"Content-Type": "application/json"},
-        method="POST",
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=10):
-            pass
-    except urllib.error.HTTPError as exc:
-        if exc.code != 409:
-            raise StackError(f"creating bucket {bucket}: HTTP {exc.code}") from exc
-
-
-@contextlib.contextmanager
-def temporary_env(values: dict[str, str]) -> Iterator[None]:
-    """Set environment variables for the duration of a ``with`` block, then restore them."""
-    saved = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
-def ensure_models(repository: Path) -> None:
-    """Build the generated model files (ONNX exports) the repository needs, if its scripts exist."""
-    script = repository.parent / "scripts" / "export_models.py"
-    if not script.exists():
-        return
-    subprocess.run([sys.executable, str(script), "--repository", str(repository)], check=True)

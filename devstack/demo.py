@@ -1,4 +1,4 @@
-"""``make demo``: the main job, end to end, on the embedded local stack.
+"""``make demo`` (``tritonq demo``): the main job, end to end, on the embedded local stack.
 
 Starts the real Pub/Sub emulator, GCS emulator and Triton, runs ``tritonq run``
 as a separate process (as it runs in a pod), publishes generated sample images
@@ -9,18 +9,19 @@ with a progress bar, prints a table, and stops everything it started.
 from __future__ import annotations
 
 import asyncio
-import io
-import signal
 import time
-import urllib.request
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
+from devstack.probe import free_port
+from devstack.samples import sample_image
+from devstack.stack import Stack
+from devstack.worker_process import WorkerProcess
+from worker.client import JobClient, build_job
 from worker.config import Settings
 from worker.jobs import ImageJob, JobResult
+from worker.triton import TritonControl
 
 #: Sizes of the generated samples: small, odd and larger than a phone thumbnail.
 SAMPLE_SIZES = ((256, 256), (320, 240), (640, 480), (512, 768))
@@ -37,53 +38,11 @@ DEMO_MODELS: tuple[tuple[str, dict[str, str]], ...] = (
 )
 #: The demo shows an A/B split: enhance v1 in production, v2 as a 10% candidate.
 DEMO_ROUTES = "enhance=1:90,2:10"
-WORKER_READY_TIMEOUT_S = 120.0
-
-
-def sample_image(width: int, height: int, seed: int = 0, fmt: str = "JPEG") -> bytes:
-    """A deterministic photo-like test image: smooth gradients, a few shapes, sensor-like noise."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    base = np.stack(
-        [
-            128 + 100 * np.sin(x / (width / 3.1) + seed),
-            128 + 100 * np.cos(y / (height / 2.3)),
-            128 + 80 * np.sin((x + y) / (width / 1.7)),
-        ],
-        axis=-1,
-    )
-    for _ in range(4):
-        cx, cy = rng.uniform(0, width), rng.uniform(0, height)
-        radius = rng.uniform(0.05, 0.2) * min(width, height)
-        mask = (x - cx) ** 2 + (y - cy) ** 2 < radius**2
-        base[mask] = rng.uniform(0, 255, size=3)
-    base += rng.normal(0, 6, size=base.shape)
-    image = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8), "RGB")
-    out = io.BytesIO()
-    image.save(out, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
-    return out.getvalue()
-
-
-def _wait_ready(url: str, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"worker not ready at {url} after {timeout_s:.0f} s")
 
 
 def run_demo(count: int, state_dir: Path) -> int:
-    from worker.cli import spawn_worker
-    from worker.stack import Stack, free_port
-
     state_dir = state_dir.resolve()
     stack = Stack(state_dir=state_dir)
-    worker = None
     try:
         stack.start(progress=lambda text: print(f"demo: {text}", flush=True))
         settings = Settings(
@@ -94,21 +53,13 @@ def run_demo(count: int, state_dir: Path) -> int:
             routes=DEMO_ROUTES,
         )
         stack.provision(settings)
-        env = {
-            **stack.environment(settings),
-            "TRITONQ_HTTP_PORT": str(settings.http_port),
-            "TRITONQ_LOG_FORMAT": "json",
-            "TRITONQ_ROUTES": DEMO_ROUTES,
-        }
-        worker = spawn_worker(env, state_dir / "logs" / "worker.log")
-        _wait_ready(f"http://127.0.0.1:{settings.http_port}/readyz", WORKER_READY_TIMEOUT_S)
-        print("demo: worker ready", flush=True)
-        with stack.environ(settings):
-            rows = asyncio.run(_publish_and_wait(settings, count))
+        env = {**stack.environment(settings), "TRITONQ_LOG_FORMAT": "json", "TRITONQ_ROUTES": DEMO_ROUTES}
+        with WorkerProcess(env, state_dir / "logs" / "worker.log", http_port=settings.http_port) as worker:
+            worker.wait_ready()
+            print("demo: worker ready", flush=True)
+            with stack.environ(settings):
+                rows = asyncio.run(_publish_and_wait(settings, count))
     finally:
-        if worker is not None:
-            worker.send_signal(signal.SIGTERM)
-            worker.wait(timeout=60)
         stack.stop()
     _print_table(rows)
     succeeded = sum(1 for row in rows if row[-1] == "succeeded")
@@ -117,9 +68,6 @@ def run_demo(count: int, state_dir: Path) -> int:
 
 
 async def _publish_and_wait(settings: Settings, count: int) -> list[tuple[str, ...]]:
-    from worker.client import JobClient, build_job
-    from worker.triton import TritonControl
-
     control = TritonControl(settings.triton_url)
     index = await control.repository_index()
     await control.close()
