@@ -1,4 +1,4 @@
-"""The model catalog: what each model takes, what it returns, and how a job is turned into its tensor and back.
+"""The models' contracts: what each model takes, what it returns, and how a job is turned into its tensor and back.
 
 A model is described by its *kind*; the kind owns the pure pre- and
 post-processing, so adding a model of a known kind is a configuration entry,
