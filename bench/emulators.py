@@ -36,12 +36,12 @@ PROBE_UPLOADS = 300
 #: Bytes per probe object: a result record's size.
 PROBE_OBJECT_BYTES = 2_000
 #: Messages per Pub/Sub probe.
-PROBE_MESSAGES = 1_000
+PROBE_MESSAGES = 2_000
 #: Messages the Pub/Sub probe sends first and discards, per round: the emulator's JVM is still
-#: compiling its hot paths for its first ten thousand or so messages, and its rate climbs meanwhile.
-WARM_UP_MESSAGES = 5_000
+#: compiling its hot paths for its first tens of thousands of messages, and its rate climbs meanwhile.
+WARM_UP_MESSAGES = 10_000
 #: Rounds per probe, of which the median is kept: one round can land on another process's burst.
-PROBE_ROUNDS = 3
+PROBE_ROUNDS = 5
 #: Bucket fills at which the fill curve measures.
 FILL_POINTS = (1_000, 2_000, 4_000, 6_000, 8_000, 10_000, 12_000)
 #: Topics and subscriptions (each with its messages, acked) the Pub/Sub curve creates between its probes.
