@@ -64,6 +64,8 @@ WORKER_READY_TIMEOUT_S = 120.0
 POLL_S = 0.25
 #: Inline payload cap the scenarios run the worker with, so the over-cap message stays small.
 MAX_INLINE_BYTES = 64 * 1024
+#: Good jobs write under this prefix, the one the worker also uses for jobs that name no output.
+RESULTS_PREFIX = "results"
 #: Seconds a dead-letter pull waits for messages before concluding there are none.
 DEAD_LETTER_PULL_S = 3.0
 
@@ -171,10 +173,14 @@ class Snapshot:
 class WorkerProcess:
     """``tritonq run`` as a child process, as it runs in a pod; ``stop_hard()`` in a ``finally`` always."""
 
-    def __init__(self, env: Mapping[str, str], log_path: Path, memory: MemoryLimit | None = None) -> None:
+    def __init__(
+        self, env: Mapping[str, str], log_path: Path, memory: MemoryLimit | None = None, cpus: int | None = None
+    ) -> None:
         self.port = free_port()
         #: The memory limit the process runs under, as a container's would bound it.
         self.memory = memory
+        #: CPUs the process may run on, as a container's CPU limit bounds them (and so its image threads).
+        self.cpus = cpus
         self.env = {**env, "TRITONQ_HTTP_PORT": str(self.port)}
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
@@ -193,6 +199,9 @@ class WorkerProcess:
         if self.memory is not None:
             # At once, while the interpreter is still importing: the limit holds before the first job.
             self.memory.add(self.proc.pid)
+        if self.cpus is not None:
+            # Also at once: the worker sizes its thread pool from its affinity once imports are done.
+            os.sched_setaffinity(self.proc.pid, sorted(os.sched_getaffinity(0))[: self.cpus])
         self.starts += 1
 
     async def wait_ready(self, timeout_s: float = WORKER_READY_TIMEOUT_S) -> None:
@@ -291,6 +300,7 @@ class Run:
         dead_letter: bool = True,
         image_size: tuple[int, int] = IMAGE_SIZE,
         memory_limit_bytes: int | None = None,
+        cpus: int | None = None,
         **overrides: Any,
     ) -> None:
         suffix = uuid.uuid4().hex[:8]
@@ -299,20 +309,17 @@ class Run:
         self.name = name
         self.image_size = image_size
         self.memory = MemoryLimit(memory_limit_bytes) if memory_limit_bytes is not None else None
+        self.cpus = cpus
         self.dead_letter = dead_letter
         self.workdir = workdir
         values: dict[str, Any] = {
             "topic": f"chaos-{name}-{suffix}",
             "subscription": f"chaos-{name}-{suffix}-worker",
-            "dead_letter_topic": f"chaos-{name}-{suffix}-dead",
             "output_bucket": self.output_buckets[0],
             "allowed_output_buckets": ",".join(self.output_buckets),
             "triton_url": triton_url or stack.triton.grpc_url,
-            "retry_base_s": 0.05,
             "max_inline_bytes": MAX_INLINE_BYTES,
             "log_format": "json",
-            # Every outcome in the worker's log, so a failed scenario can be read back job by job.
-            "log_success_per_s": 10_000,
         }
         values.update(overrides)
         self.overrides = values
@@ -356,7 +363,7 @@ class Run:
 
     def worker(self, label: str = "worker", **extra: str) -> WorkerProcess:
         log = self.workdir / f"{self.name}-{label}.log"
-        worker = WorkerProcess(self.worker_env(**extra), log, self.memory)
+        worker = WorkerProcess(self.worker_env(**extra), log, self.memory, self.cpus)
         self.workers.append(worker)
         return worker
 
@@ -381,7 +388,7 @@ class Run:
             options: dict[str, Any] = {
                 "job_id": f"{self.name}-{i:05d}",
                 "version": ("1", "2", "")[i % 3],
-                "output_prefix": f"gs://{self.output_buckets[i % OUTPUT_BUCKETS]}/{self.settings.output_prefix}",
+                "output_prefix": f"gs://{self.output_buckets[i % OUTPUT_BUCKETS]}/{RESULTS_PREFIX}",
             }
             if inline:
                 options["input_bytes"] = sample_image(*self.image_size, seed=i % DISTINCT_INPUTS)
@@ -529,7 +536,7 @@ class Run:
                     params["pageToken"] = token
         for versions in generations.values():
             versions.sort(key=lambda item: int(item.get("generation", 0)))
-        return Snapshot(generations, self.settings.output_prefix.strip("/"))
+        return Snapshot(generations, RESULTS_PREFIX)
 
     def bad_key(self, bad: BadMessage) -> str:
         return bad.job_id if bad.job_id is not None else f"_invalid/{bad.message_id}"
