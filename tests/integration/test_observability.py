@@ -124,13 +124,12 @@ async def test_a_worker_whose_subscription_keeps_failing_gives_up(make_settings:
 def test_every_log_line_of_a_job_is_json_with_its_fields(
     stack: Stack, make_settings: Callable[..., Settings], tmp_path: Path
 ) -> None:
-    settings = make_settings(http_port=free_port(), log_success_per_s=1000)
+    settings = make_settings(http_port=free_port())
     env = {
         **os.environ,
         **stack.environment(settings),
         "TRITONQ_HTTP_PORT": str(settings.http_port),
         "TRITONQ_LOG_FORMAT": "json",
-        "TRITONQ_LOG_SUCCESS_PER_S": "1000",
     }
     log_path = tmp_path / "worker.log"
 
