@@ -3,7 +3,7 @@
 Every knob a user sets lives here, with its unit in its name and its default and
 meaning in its description; the README's settings table is generated from this
 class (``tritonq settings --markdown``) and a test keeps the two in step. Settings
-are validated once, at start, with a message naming the variable and what it
+are validated once, at start, with a message naming the setting and what it
 expects, and frozen afterwards.
 """
 
