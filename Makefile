@@ -57,7 +57,7 @@ models-check: install
 bench: install
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
-# Issue 8's figure: 20 high-priority jobs against a 1,000-job low-priority backlog; writes build/priority.json.
+# The priority figure: 20 high-priority jobs against a 1,000-job low-priority backlog; writes build/priority.json.
 bench-priority: install
 	$(BIN)/python -m bench.priority
 

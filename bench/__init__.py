@@ -1,4 +1,4 @@
-"""``python -m bench``: the benchmark of issue 7, on the embedded local stack.
+"""``python -m bench``: the benchmark of the worker, on the embedded local stack.
 
 It measures the product worker (``tritonq run``, as a subprocess so its CPU and
 memory are its own) against a naive worker, the idiomatic peer a user would

@@ -15,7 +15,7 @@ from typing import Any
 from bench import options
 from bench.notes import NOTES
 from bench.sim_model import ModelConfig, SimProfile
-from worker.config import Settings
+from worker.config import Settings, available_cpus
 
 
 def profile_figures(
@@ -39,7 +39,7 @@ def profile_figures(
         "worker_settings": {
             "max_in_flight": effective.max_in_flight,
             "max_messages": effective.max_messages,
-            "preprocess_threads": effective.thread_count,
+            "image_threads": available_cpus(),
         },
         "image_px": sizes.image_px,
         "jobs": sizes.jobs,

@@ -33,7 +33,6 @@ from worker.client import JobClient
 VARIANTS: dict[str, dict[str, str]] = {
     "as is": {},
     "in-flight 256": {"TRITONQ_MAX_IN_FLIGHT": "256", "TRITONQ_MAX_MESSAGES": "256"},
-    "admission x4": {"TRITONQ_TRITON_QUEUE_BATCHES": "8"},
     "unary": {"TRITONQ_TRITON_MODE": "unary"},
 }
 TWO_PROCESSES = "two processes"

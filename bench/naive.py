@@ -91,7 +91,7 @@ class NaiveWorker:
         output = self._spec.postprocess(output_array, prepared, job.output_format)
         target = jobs.parse_gs_uri(job.output_prefix) if job.output_prefix else None
         bucket = target.bucket if target else self._settings.output_bucket
-        prefix = target.name.strip("/") if target else self._settings.output_prefix.strip("/")
+        prefix = target.name.strip("/") if target else jobs.RESULTS_PREFIX
         self._upload(bucket, f"{prefix}/{job.job_id}.{output.extension}", output.data, output.content_type)
         publish_time = message.publish_time.timestamp()
         record = jobs.JobResult(

@@ -1,6 +1,6 @@
 """``python -m bench.priority``: does a burst of high-priority jobs overtake a low-priority backlog?
 
-Issue 8's figure: a backlog of 1,000 low-priority jobs, then 20 high-priority
+The priority figure: a backlog of 1,000 low-priority jobs, then 20 high-priority
 jobs published once the worker is busy with it; the p95 publish-to-result
 latency of each class, and their ratio (target: high at least 3x lower).
 Same stack and simulated GPU as ``python -m bench``; run twice, with the
@@ -53,7 +53,7 @@ async def one_run(lab: Lab, name: str, max_messages: int) -> dict[str, Any]:
 
         lows, highs = jobs("low", LOW_JOBS, "low"), jobs("high", HIGH_JOBS, "high")
         await workload.publish_backlog(client, lows, lambda _: None)
-        env = {"TRITONQ_MAX_MESSAGES": str(max_messages), "TRITONQ_LOG_SUCCESS_PER_S": "0"}
+        env = {"TRITONQ_MAX_MESSAGES": str(max_messages)}
         with lab.worker(settings, f"prio-{name}", env) as worker:
             await asyncio.to_thread(worker.wait_ready)
             await client.wait_many(lows[:BUSY_AFTER], timeout_s=120)  # the worker is busy with the backlog

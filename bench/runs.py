@@ -151,11 +151,9 @@ class Lab:
         values: dict[str, Any] = {
             "topic": f"bench-{name}",
             "subscription": f"bench-{name}-worker",
-            "dead_letter_topic": f"bench-{name}-dead",
             "output_bucket": buckets[0],
             "allowed_output_buckets": buckets,
             "triton_url": self.stack.triton.grpc_url,
-            "triton_metrics_url": self.stack.triton.metrics_url,
             "http_port": free_port(),
             "log_format": "json",
             **overrides,

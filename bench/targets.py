@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-#: The issue's targets: figure, comparison, bound (a number, or a figure's name).
+#: The benchmark's targets: figure, comparison, bound (a number, or a figure's name).
 #: The main (T4-like) profile's at the top level; the fast profile's under ``profiles.fast``. On the T4
 #: Triton's ceiling caps any lead over a peer that reaches most of it; on the fast GPU the worker sets the pace.
 TARGETS: tuple[tuple[str, str, str], ...] = (

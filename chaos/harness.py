@@ -12,6 +12,7 @@ reached the dead-letter topic.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import time
 import uuid
@@ -45,6 +46,8 @@ OUTPUT_BUCKETS = 10
 POLL_S = 0.25
 #: Inline payload cap the scenarios run the worker with, so the over-cap message stays small.
 MAX_INLINE_BYTES = 64 * 1024
+#: Good jobs write under this prefix, the one the worker also uses for jobs that name no output.
+RESULTS_PREFIX = "results"
 #: Seconds a dead-letter pull waits for messages before concluding there are none.
 DEAD_LETTER_PULL_S = 3.0
 
@@ -68,6 +71,7 @@ class Run:
         dead_letter: bool = True,
         image_size: tuple[int, int] = IMAGE_SIZE,
         memory_limit_bytes: int | None = None,
+        cpus: int | None = None,
         **overrides: Any,
     ) -> None:
         suffix = uuid.uuid4().hex[:8]
@@ -76,20 +80,17 @@ class Run:
         self.name = name
         self.image_size = image_size
         self.memory = MemoryLimit(memory_limit_bytes) if memory_limit_bytes is not None else None
+        self.cpus = cpus
         self.dead_letter = dead_letter
         self.workdir = workdir
         values: dict[str, Any] = {
             "topic": f"chaos-{name}-{suffix}",
             "subscription": f"chaos-{name}-{suffix}-worker",
-            "dead_letter_topic": f"chaos-{name}-{suffix}-dead",
             "output_bucket": self.output_buckets[0],
             "allowed_output_buckets": ",".join(self.output_buckets),
             "triton_url": triton_url or stack.triton.grpc_url,
-            "retry_base_s": 0.05,
             "max_inline_bytes": MAX_INLINE_BYTES,
             "log_format": "json",
-            # Every outcome in the worker's log, so a failed scenario can be read back job by job.
-            "log_success_per_s": 10_000,
         }
         values.update(overrides)
         self.overrides = values
@@ -126,10 +127,17 @@ class Run:
         env.update(extra)
         return env
 
+    def _confine(self, pid: int) -> None:
+        """Put a new worker under the run's limits at once, before its first job and its thread pool's sizing."""
+        if self.memory is not None:
+            self.memory.add(pid)
+        if self.cpus is not None:
+            # As a container's CPU limit would: the worker sizes its image threads from its affinity.
+            os.sched_setaffinity(pid, sorted(os.sched_getaffinity(0))[: self.cpus])
+
     def worker(self, label: str = "worker", **extra: str) -> WorkerProcess:
         log = self.workdir / f"{self.name}-{label}.log"
-        on_spawn = self.memory.add if self.memory is not None else None
-        worker = WorkerProcess(self.worker_env(**extra), log, on_spawn=on_spawn)
+        worker = WorkerProcess(self.worker_env(**extra), log, on_spawn=self._confine)
         self.workers.append(worker)
         return worker
 
@@ -154,7 +162,7 @@ class Run:
             options: dict[str, Any] = {
                 "job_id": f"{self.name}-{i:05d}",
                 "version": ("1", "2", "")[i % 3],
-                "output_prefix": f"gs://{self.output_buckets[i % OUTPUT_BUCKETS]}/{self.settings.output_prefix}",
+                "output_prefix": f"gs://{self.output_buckets[i % OUTPUT_BUCKETS]}/{RESULTS_PREFIX}",
             }
             if inline:
                 options["input_bytes"] = sample_image(*self.image_size, seed=i % DISTINCT_INPUTS)
@@ -209,7 +217,7 @@ class Run:
                     params["pageToken"] = token
         for versions in generations.values():
             versions.sort(key=lambda item: int(item.get("generation", 0)))
-        return Snapshot(generations, self.settings.output_prefix.strip("/"))
+        return Snapshot(generations, RESULTS_PREFIX)
 
     def bad_key(self, bad: BadMessage) -> str:
         return bad.job_id if bad.job_id is not None else f"_invalid/{bad.message_id}"

@@ -1,4 +1,6 @@
-"""The fault scenarios of issue 4, each a coroutine that runs on the real stack and returns its ``Report``.
+"""The fault scenarios, each a coroutine that runs on the real stack and returns its ``Report``.
+
+The worker SIGKILLed, Triton restarted, storage cut, bad input, SIGTERM mid-run, and a backlog.
 
 Sizes are arguments: ``python -m chaos`` runs the full ones (1,000 jobs and
 three SIGKILLs, a 5,000-message backlog), ``tests/integration/test_faults.py``
@@ -196,8 +198,9 @@ BAD_INPUT_MEMORY_LIMIT_BYTES = 1 << 30
 BAD_INPUT_LIMITS: dict[str, Any] = {
     "max_input_pixels": 12_000_000,
     "max_pixels_in_flight": 60_000_000,
-    "preprocess_threads": 2,
 }
+#: CPUs its worker may use, as a pod's CPU limit: the worker runs one image thread per CPU.
+BAD_INPUT_CPUS = 2
 #: Finished good jobs whose ids the takeover kinds then reuse.
 TAKEN_IDS = 3
 
@@ -216,7 +219,9 @@ async def bad_messages(
     A few good jobs finish first, so that the takeover kinds have ids to reuse. ``/healthz`` is asked
     every 0.1 s throughout, from a thread of the harness's own: its latencies are the report's.
     """
-    run = Run(stack, "bad_messages", workdir, memory_limit_bytes=memory_limit_bytes, **BAD_INPUT_LIMITS)
+    run = Run(
+        stack, "bad_messages", workdir, memory_limit_bytes=memory_limit_bytes, cpus=BAD_INPUT_CPUS, **BAD_INPUT_LIMITS
+    )
     await run.setup()
     bad_count = max(len(BAD_KINDS), round(jobs * bad_share / (1 - bad_share)))
     worker = run.worker()

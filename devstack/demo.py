@@ -49,7 +49,6 @@ def run_demo(count: int, state_dir: Path) -> int:
             http_port=free_port(),
             log_format="json",
             triton_url=stack.triton.grpc_url,
-            triton_metrics_url=stack.triton.metrics_url,
             routes=DEMO_ROUTES,
         )
         stack.provision(settings)

@@ -70,11 +70,9 @@ class Stack:
             "TRITONQ_PROJECT": settings.project,
             "TRITONQ_TOPIC": settings.topic,
             "TRITONQ_SUBSCRIPTION": settings.subscription,
-            "TRITONQ_DEAD_LETTER_TOPIC": settings.dead_letter_topic,
             "TRITONQ_INPUT_BUCKET": settings.input_bucket,
             "TRITONQ_OUTPUT_BUCKET": settings.output_bucket,
             "TRITONQ_TRITON_URL": self.triton.grpc_url,
-            "TRITONQ_TRITON_METRICS_URL": self.triton.metrics_url,
             **({"TRITONQ_RESULTS_TOPIC": settings.results_topic} if settings.results_topic else {}),
         }
 

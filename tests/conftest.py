@@ -56,12 +56,9 @@ def make_settings(stack: Stack) -> Callable[..., Settings]:
         values: dict[str, Any] = {
             "topic": f"jobs-{suffix}",
             "subscription": f"jobs-{suffix}-worker",
-            "dead_letter_topic": f"jobs-{suffix}-dead",
             "triton_url": stack.triton.grpc_url,
-            "triton_metrics_url": stack.triton.metrics_url,
             "http_port": 0,
             "log_format": "json",
-            "retry_base_s": 0.05,
             "shutdown_grace_s": 20.0,
         }
         values.update(overrides)

@@ -70,7 +70,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "settings" and args.markdown:
         sys.stdout.write(settings_markdown())
         return 0
-    settings = Settings()
+    from pydantic import ValidationError
+
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        print(f"tritonq: invalid TRITONQ_* settings:\n{exc}", file=sys.stderr)
+        return 2
     telemetry.configure_logging(settings.log_level, settings.log_format)
     if args.command == "run":
         return _run_worker(settings)

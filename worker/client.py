@@ -29,7 +29,7 @@ from typing import Any
 from google.protobuf import json_format
 
 from worker.config import Settings
-from worker.jobs import INVALID_FOLDER, GcsRef, ImageJob, JobResult, join, parse_gs_uri
+from worker.jobs import INVALID_FOLDER, RESULTS_PREFIX, GcsRef, ImageJob, JobResult, join, parse_gs_uri
 from worker.storage import Storage, record_ref
 
 #: Backoff while awaiting a result record, in seconds: quick at first, then at most every second.
@@ -155,11 +155,11 @@ class JobClient:
     def output_of(self, job: ImageJob) -> GcsRef:
         if job.output_prefix:
             return parse_gs_uri(job.output_prefix)
-        return GcsRef(self.settings.output_bucket, self.settings.output_prefix.strip("/"))
+        return GcsRef(self.settings.output_bucket, RESULTS_PREFIX)
 
     def records_of(self, job: ImageJob) -> list[GcsRef]:
         """Where the job's record may be: beside its result, or under ``_invalid/`` for each message published."""
-        invalid = GcsRef(self.settings.output_bucket, join(self.settings.output_prefix, INVALID_FOLDER))
+        invalid = GcsRef(self.settings.output_bucket, join(RESULTS_PREFIX, INVALID_FOLDER))
         refs = [record_ref(self.output_of(job), job.job_id)] if job.job_id else []
         return refs + [
             GcsRef(invalid.bucket, join(invalid.name, f"{m}.json")) for m in self._message_ids.get(job.job_id, [])

@@ -1,9 +1,10 @@
 """The worker's one typed settings object, read from ``TRITONQ_*`` environment variables.
 
-Every knob lives here, with its unit in its name and its default and meaning in
-its description; the README's settings table is generated from this class
-(``tritonq settings --markdown``) and a test keeps the two in step. Settings are
-validated once, at start, and frozen afterwards.
+Every knob a user sets lives here, with its unit in its name and its default and
+meaning in its description; the README's settings table is generated from this
+class (``tritonq settings --markdown``) and a test keeps the two in step. Settings
+are validated once, at start, with a message naming the setting and what it
+expects, and frozen afterwards.
 """
 
 from __future__ import annotations
@@ -13,14 +14,17 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 #: Where the container's CPU limit is: cgroup v2's ``cpu.max``, else cgroup v1's CFS quota and period.
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
+#: Bytes: the largest inline image whose base64 (4/3) plus the job's other fields fits a 10 MB Pub/Sub message.
+MAX_INLINE_BYTES_LIMIT = 7 * 1024 * 1024
+
 CsvList = Annotated[tuple[str, ...], NoDecode]
-CsvInts = Annotated[tuple[int, ...], NoDecode]
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 
 
 def _split_csv(value: object) -> object:
@@ -29,28 +33,41 @@ def _split_csv(value: object) -> object:
     return value
 
 
+def _upper(value: object) -> object:
+    return value.upper() if isinstance(value, str) else value
+
+
 class Settings(BaseSettings):
-    """What the worker needs to know; one field per ``TRITONQ_<FIELD>`` variable."""
+    """What a user running the worker sets; one field per ``TRITONQ_<FIELD>`` variable.
+
+    Internal tuning (shape buckets, retries, thread hand-off thresholds, lease and decode
+    budgets) is a named constant in the module that uses it, not a setting.
+    """
 
     model_config = SettingsConfigDict(env_prefix="TRITONQ_", frozen=True, extra="ignore")
 
     # Where jobs come from and results go.
     project: str = Field("local-project", description="Google Cloud project of the topic and subscription.")
-    topic: str = Field("tritonq-jobs", description="Pub/Sub topic jobs are published to (`tritonq publish`).")
-    subscription: str = Field("tritonq-jobs-worker", description="Pub/Sub subscription the worker pulls.")
-    dead_letter_topic: str = Field(
-        "tritonq-jobs-dead-letter",
-        description="Dead-letter topic set on subscriptions the project creates.",
+    topic: str = Field(
+        "tritonq-jobs",
+        description="Pub/Sub topic jobs are published to (`tritonq publish`); its dead-letter topic, which "
+        "`tritonq init` creates, is named `<topic>-dead-letter`.",
     )
+    subscription: str = Field("tritonq-jobs-worker", description="Pub/Sub subscription the worker pulls.")
     max_delivery_attempts: int = Field(
-        5, ge=5, le=100, description="Deliveries before Pub/Sub dead-letters a message (5 to 100)."
+        5,
+        ge=5,
+        le=100,
+        description="Deliveries before Pub/Sub dead-letters a message, on subscriptions "
+        "`tritonq init` creates (5 to 100).",
     )
     results_topic: str = Field(
         "", description="If set, every finished job's `JobResult` is published here before the ack."
     )
     input_bucket: str = Field("tritonq-inputs", description="Bucket `tritonq publish` uploads local images to.")
-    output_bucket: str = Field("tritonq-results", description="Bucket results are written to by default.")
-    output_prefix: str = Field("results", description="Object prefix of results when a job names none.")
+    output_bucket: str = Field(
+        "tritonq-results", description="Bucket results are written to (under `results/`) when a job names none."
+    )
     allowed_input_buckets: CsvList = Field(
         (), description="Comma-separated buckets inputs may be read from; empty means only `input_bucket`."
     )
@@ -60,9 +77,6 @@ class Settings(BaseSettings):
 
     # Triton.
     triton_url: str = Field("localhost:8001", description="Triton gRPC endpoint, `host:port`.")
-    triton_metrics_url: str = Field(
-        "http://localhost:8002/metrics", description="Triton's Prometheus endpoint (used by `tritonq bench`)."
-    )
     triton_mode: Literal["stream", "unary"] = Field(
         "stream",
         description="`stream`: long-lived gRPC streams, one per model and priority; `unary`: one `ModelInfer` call "
@@ -74,10 +88,6 @@ class Settings(BaseSettings):
         description="`auto`: pass tensors through system shared memory when Triton can map the worker's regions "
         "(same pod or host, shared `/dev/shm`), else in the gRPC messages; `off`: always in the messages.",
     )
-    shared_memory_max_bytes: int = Field(
-        256 * 1024 * 1024, ge=0, description="Most bytes of shared-memory regions the worker keeps registered."
-    )
-    infer_timeout_s: float = Field(60.0, gt=0, description="Deadline of one inference request, in seconds.")
     routes: str = Field(
         "",
         description="Weighted version splits, `model=version:weight,...;model2=...`, e.g. `enhance=1:90,2:10`. "
@@ -87,9 +97,6 @@ class Settings(BaseSettings):
     # Flow control and concurrency.
     max_messages: int = Field(64, ge=1, description="Pub/Sub flow control: messages held at once.")
     max_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Pub/Sub flow control: message bytes held at once.")
-    max_lease_duration_s: float = Field(
-        600.0, gt=30, description="Longest a message's lease is extended while its job runs, in seconds."
-    )
     max_in_flight: int = Field(64, ge=1, description="Jobs processed concurrently by the pipeline.")
     pubsub_give_up_s: float = Field(
         300.0,
@@ -98,48 +105,13 @@ class Settings(BaseSettings):
         "(PERMISSION_DENIED while an IAM grant propagates, NOT_FOUND, UNAUTHENTICATED) before `tritonq run` exits "
         "non-zero so that Kubernetes restarts it, in seconds; the worker subscribes again with backoff meanwhile.",
     )
-    shape_buckets_px: CsvInts = Field(
-        (32, 64, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048),
-        description="Image sides are padded up to one of these (comma-separated, px), so images of many sizes "
-        "share Triton batches; outputs are cropped back. Empty disables padding.",
-    )
-    triton_queue_batches: int = Field(
-        2,
-        ge=1,
-        description="Requests one model may have in Triton at once, in multiples of its `max_batch_size`: "
-        "enough for full batches, few enough that the worker can group the rest by shape.",
-    )
-    preprocess_threads: int = Field(
-        0,
-        ge=0,
-        description="Threads for image decode/encode; 0 means one per CPU the container may use (its cgroup CPU "
-        "limit, rounded up, else the CPUs it may run on).",
-    )
     max_pixels_in_flight: int = Field(
         300_000_000,
         ge=1,
         description="Pixels (decoded inputs plus image outputs) the jobs in flight may hold at once; a job that "
-        "would pass it waits, so memory stays bounded whatever the images' sizes (measured: about 4.5 bytes of "
-        "worker memory per pixel). One job always runs, however large.",
+        "would pass it waits, so memory stays bounded whatever the images' sizes (README Security sizes it). "
+        "One job always runs, however large.",
     )
-    inline_max_pixels: int = Field(
-        65_536,
-        ge=0,
-        description="Images of at most this many pixels are decoded and encoded on the event loop, larger ones in "
-        "the thread pool: a hand-off to a thread costs more CPU than small image work (see README Performance). "
-        "0 sends all to threads.",
-    )
-    inline_max_bytes: int = Field(
-        64 * 1024,
-        ge=0,
-        description="Images of more encoded bytes than this go to the thread pool whatever their pixel count: a "
-        "small image can still be costly to decode (many scans, heavy compression), and the event loop serves "
-        "every job and probe.",
-    )
-
-    # Retries and shutdown.
-    retry_attempts: int = Field(3, ge=1, description="Tries of a step that fails transiently before the job is nacked.")
-    retry_base_s: float = Field(0.2, gt=0, description="First retry backoff in seconds; doubles each try, with jitter.")
     shutdown_grace_s: float = Field(
         30.0,
         gt=0,
@@ -149,51 +121,77 @@ class Settings(BaseSettings):
     # Input limits (the security boundary).
     max_input_bytes: int = Field(25 * 1024 * 1024, ge=1, description="Largest input object read, in bytes.")
     max_inline_bytes: int = Field(
-        2 * 1024 * 1024, ge=1, description="Largest inline image carried in the message itself, in bytes."
+        2 * 1024 * 1024,
+        ge=1,
+        le=MAX_INLINE_BYTES_LIMIT,
+        description="Largest inline image carried in the message itself, in bytes; at most 7 MiB, so that its "
+        "base64 fits a Pub/Sub message (10 MB).",
     )
     max_input_pixels: int = Field(
         40_000_000,
         ge=1,
         description="Largest decoded image, width x height; bigger is rejected, never decoded.",
     )
-    max_decode_s: float = Field(
-        20.0,
-        gt=0,
-        description="Seconds one image decode may take; past it the job fails (`decode_timeout`) instead of "
-        "holding a thread.",
-    )
 
     # Operations.
     http_port: int = Field(8080, ge=0, le=65535, description="Port of `/metrics`, `/healthz` and `/readyz`.")
-    log_level: str = Field("INFO", description="Log level: DEBUG, INFO, WARNING, ERROR.")
-    log_format: str = Field("auto", description="`json`, `console`, or `auto` (console on a TTY, JSON otherwise).")
-    log_success_per_s: float = Field(
-        1.0, ge=0, description="Most `job_succeeded` lines logged per second; failures are always logged."
+    log_level: LogLevel = Field("INFO", description="Log level: DEBUG, INFO, WARNING or ERROR (any case).")
+    log_format: Literal["auto", "json", "console"] = Field(
+        "auto", description="`json`, `console`, or `auto` (console on a TTY, JSON otherwise)."
     )
 
-    _split_lists = field_validator(
-        "allowed_input_buckets", "allowed_output_buckets", "shape_buckets_px", mode="before"
-    )(_split_csv)
+    _split_lists = field_validator("allowed_input_buckets", "allowed_output_buckets", mode="before")(_split_csv)
+    _level_case = field_validator("log_level", mode="before")(_upper)
 
-    @field_validator("shape_buckets_px")
+    @field_validator("project")
     @classmethod
-    def _ascending(cls, value: tuple[int, ...]) -> tuple[int, ...]:
-        if any(b <= 0 for b in value) or list(value) != sorted(set(value)):
-            raise ValueError("shape_buckets_px must be ascending positive sizes")
+    def _project_id(cls, value: str) -> str:
+        if not value or any(c.isspace() or c == "/" for c in value):
+            raise ValueError(f"{value!r} is not a project id (no spaces or slashes)")
         return value
 
-    @field_validator("log_format")
+    @field_validator("topic", "subscription", "results_topic")
     @classmethod
-    def _known_format(cls, value: str) -> str:
-        if value not in ("auto", "json", "console"):
-            raise ValueError("log_format must be auto, json or console")
+    def _resource_name(cls, value: str, info: ValidationInfo) -> str:
+        if not value and info.field_name == "results_topic":
+            return value
+        parts = value.split("/")
+        full = len(parts) == 4 and parts[0] == "projects" and parts[2] in ("topics", "subscriptions")
+        if any(c.isspace() for c in value) or not all(parts) or not (len(parts) == 1 or full):
+            raise ValueError(f"{value!r}: expected a name or projects/<project>/<topics|subscriptions>/<name>")
+        return value
+
+    @field_validator("input_bucket", "output_bucket", "allowed_input_buckets", "allowed_output_buckets")
+    @classmethod
+    def _bucket_names(cls, value: str | tuple[str, ...]) -> str | tuple[str, ...]:
+        for name in (value,) if isinstance(value, str) else value:
+            if not name or "://" in name or "/" in name or any(c.isspace() for c in name):
+                raise ValueError(f"{name!r} is not a bucket name (write `my-bucket`, not `gs://my-bucket/path`)")
+        return value
+
+    @field_validator("triton_url")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        host, _, port = value.rpartition(":")
+        if "://" in value or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"{value!r}: expected host:port of Triton's gRPC endpoint, e.g. localhost:8001")
+        return value
+
+    @field_validator("routes")
+    @classmethod
+    def _routes_parse(cls, value: str) -> str:
+        from worker.routing import parse_routes
+
+        parse_routes(value)
         return value
 
     @model_validator(mode="after")
-    def _routes_parse(self) -> Settings:
-        from worker.routing import parse_routes
-
-        parse_routes(self.routes)
+    def _inline_within_input(self) -> Settings:
+        if self.max_inline_bytes > self.max_input_bytes:
+            raise ValueError(
+                f"max_inline_bytes ({self.max_inline_bytes}) exceeds max_input_bytes ({self.max_input_bytes}): "
+                "inline images that large would be refused anyway"
+            )
         return self
 
     @property
@@ -207,6 +205,11 @@ class Settings(BaseSettings):
         return frozenset(self.allowed_output_buckets or (self.output_bucket,))
 
     @property
+    def dead_letter_topic(self) -> str:
+        """The jobs topic's dead-letter topic: named after it, so one setting names both."""
+        return f"{self.topic.rsplit('/', 1)[-1]}-dead-letter"
+
+    @property
     def subscription_path(self) -> str:
         return _path(self.project, "subscriptions", self.subscription)
 
@@ -217,10 +220,6 @@ class Settings(BaseSettings):
     @property
     def results_topic_path(self) -> str:
         return _path(self.project, "topics", self.results_topic) if self.results_topic else ""
-
-    @property
-    def thread_count(self) -> int:
-        return self.preprocess_threads or available_cpus()
 
 
 def cgroup_cpu_limit(cpu_max: str | None, cfs_quota: str | None = None, cfs_period: str | None = None) -> float | None:

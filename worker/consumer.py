@@ -55,6 +55,10 @@ __all__ = ["Consumer", "Delivery", "LoopScheduler"]
 
 log = structlog.get_logger(__name__)
 
+#: Seconds a message's lease is extended at most while its job runs: a job still running after
+#: this is stuck, and Pub/Sub should give its message to another worker.
+MAX_LEASE_DURATION_S = 600.0
+
 #: The longest lease one extension grants, in seconds (Pub/Sub's least): how long the messages of a worker
 #: that died (SIGKILL, OOM, node loss) stay invisible. The library extends leases well before they end,
 #: and raises this to 60 s itself on exactly-once subscriptions, as that feature requires.
@@ -85,7 +89,7 @@ class Consumer:
         *,
         max_messages: int,
         max_bytes: int,
-        max_lease_duration_s: float,
+        max_lease_duration_s: float = MAX_LEASE_DURATION_S,
         give_up_after_s: float = 300.0,
         on_give_up: Callable[[str], None] | None = None,
         client: pubsub_v1.SubscriberClient | None = None,

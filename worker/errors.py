@@ -63,8 +63,20 @@ class TransientError(TritonqError):
     """A failure worth retrying: Triton unavailable, GCS 429/5xx, a broken stream."""
 
 
+#: Tries of a step that fails transiently before its job is nacked: enough to ride out a blip,
+#: few enough that a real outage goes back to Pub/Sub, whose redelivery backs off for longer.
+RETRY_ATTEMPTS = 3
+#: Seconds before the first retry; it doubles each try, with full jitter.
+RETRY_BASE_S = 0.2
+
+
 async def retrying(
-    step: Callable[[], Awaitable[T]], *, attempts: int, base_s: float, what: str, on_retry: Callable[[], None]
+    step: Callable[[], Awaitable[T]],
+    *,
+    what: str,
+    on_retry: Callable[[], None],
+    attempts: int = RETRY_ATTEMPTS,
+    base_s: float = RETRY_BASE_S,
 ) -> T:
     """Run ``step``; on ``TransientError`` retry with exponential backoff and full jitter, then give up."""
     for attempt in range(1, attempts + 1):

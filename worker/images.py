@@ -54,6 +54,8 @@ ENCODERS: dict[str, tuple[str, dict[str, object]]] = {
     "png": ("PNG", {"compress_level": 1}),
     "webp": ("WEBP", {"quality": 85, "method": 2}),
 }
+#: Seconds one image decode may take: past it the job fails (``decode_timeout``) instead of holding a thread.
+MAX_DECODE_S = 20.0
 #: Scans a progressive JPEG may have. libjpeg's own progressions use 10 (colour) or 6 (grey); each
 #: scan re-walks every coefficient, so a file of thousands of tiny scans costs CPU out of all proportion.
 MAX_JPEG_SCANS = 100

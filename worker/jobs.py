@@ -50,6 +50,8 @@ MODEL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 VERSION_RE = re.compile(r"[0-9]{1,9}")
 BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9._-]{1,221}[a-z0-9]")
 PREFIX_SEGMENT_RE = re.compile(r"[A-Za-z0-9_.=-]{1,128}")
+#: Where results go in the default output bucket when a job names no ``outputPrefix``.
+RESULTS_PREFIX = "results"
 #: The folder of records of messages that are not valid jobs (keyed by message id, never by a job id).
 INVALID_FOLDER = "_invalid"
 #: Results of vector models are named ``{job_id}.{kind}.json`` beside ``{job_id}.json`` records: a job id

@@ -53,6 +53,8 @@ BUILTIN_KINDS = {
 KINDS = frozenset({"image", "embedding", "classification", "detections", "encoded_image"})
 #: ``tritonq_params`` of the seed models whose Triton configs carry none.
 BUILTIN_PARAMS = {"upscale": "scale=2|4"}
+#: Pixels per side: image inputs are padded up to one of these, so images of many sizes share Triton batches.
+SHAPE_BUCKETS_PX = (32, 64, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
 #: Params the worker itself reads, accepted by every model and never sent to Triton
 #: (``preprocess=server`` sends a job to the model's ``_bytes`` variant).
 WORKER_PARAMS = {"preprocess": ("worker", "server")}

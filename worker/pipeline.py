@@ -38,16 +38,16 @@ import structlog
 from worker import images, jobs, routing, telemetry
 from worker.catalog import Catalog
 from worker.config import Settings
-from worker.consumer import Delivery
-from worker.errors import PermanentJobError, TransientError, clip, retrying
-from worker.images import DecodeLimits, ImageInfo
+from worker.consumer import MAX_LEASE_DURATION_S, Delivery
+from worker.errors import RETRY_BASE_S, PermanentJobError, TransientError, clip, retrying
+from worker.images import MAX_DECODE_S, DecodeLimits, ImageInfo
 from worker.jobs import GcsRef, Job, JobResult
-from worker.models import ModelSpec, Output, Prepared
+from worker.models import SHAPE_BUCKETS_PX, ModelSpec, Output, Prepared
 from worker.records import Recorder, conflict, failure_record, new_record, same_job
 from worker.results import ResultsPublisher
-from worker.scheduling import Admission, PixelBudget, run_workers
+from worker.scheduling import TRITON_QUEUE_BATCHES, Admission, PixelBudget, run_workers
 from worker.storage import Storage, result_ref
-from worker.triton import TritonStream
+from worker.triton import INFER_TIMEOUT_S, TritonStream
 from worker.wire import InferResult
 
 log = structlog.get_logger(__name__)
@@ -59,6 +59,12 @@ NACKED = "nacked"
 DUPLICATE = "duplicate"
 #: Seconds before the lease's end at which an unfinished job is nacked.
 LEASE_MARGIN_S = 10.0
+#: Pixels: an image this small is decoded and encoded on the event loop; a thread hand-off costs more than its work.
+INLINE_MAX_PIXELS = 256 * 256
+#: Bytes: an image of more encoded bytes goes to the threads whatever its pixels (many scans cost CPU too).
+INLINE_MAX_BYTES = 64 * 1024
+#: ``job_succeeded`` lines a second: success must not flood the logs; every failure is logged.
+LOG_SUCCESS_PER_S = 1.0
 #: ``params.preprocess = "server"`` sends a job to this variant of its model (``enhance`` -> ``enhance_bytes``).
 SERVER_SIDE_SUFFIX = "_bytes"
 
@@ -91,6 +97,10 @@ class Pipeline:
         *,
         results: ResultsPublisher | None = None,
         pixels: PixelBudget | None = None,
+        shape_buckets_px: tuple[int, ...] = SHAPE_BUCKETS_PX,
+        inline_max_pixels: int = INLINE_MAX_PIXELS,
+        inline_max_bytes: int = INLINE_MAX_BYTES,
+        retry_base_s: float = RETRY_BASE_S,
     ) -> None:
         self._settings = settings
         self._stream = stream
@@ -98,20 +108,20 @@ class Pipeline:
         self._records = Recorder(storage, results)
         self._executor = executor
         self._routes = routing.parse_routes(settings.routes)
-        self._limits = DecodeLimits(
-            max_bytes=settings.max_input_bytes, max_pixels=settings.max_input_pixels, max_seconds=settings.max_decode_s
-        )
+        self._limits = DecodeLimits(settings.max_input_bytes, settings.max_input_pixels, max_seconds=MAX_DECODE_S)
+        self._buckets, self._retry_base_s = shape_buckets_px, retry_base_s
+        self._inline_max_pixels, self._inline_max_bytes = inline_max_pixels, inline_max_bytes
         self._storage = storage
         self._max_message_bytes = jobs.max_message_bytes(settings.max_inline_bytes)
         self._rules = jobs.JobRules(
             input_buckets=settings.input_buckets,
             output_buckets=settings.output_buckets,
-            default_output=GcsRef(settings.output_bucket, settings.output_prefix.strip("/")),
+            default_output=GcsRef(settings.output_bucket, jobs.RESULTS_PREFIX),
             max_inline_bytes=settings.max_inline_bytes,
         )
         # Jobs in progress by id, with their fingerprints: a second delivery of the same job waits for the first.
         self._active: dict[str, tuple[str, asyncio.Future[str]]] = {}
-        self._success_log = telemetry.RateLimiter(per_s=settings.log_success_per_s)
+        self._success_log = telemetry.RateLimiter(per_s=LOG_SUCCESS_PER_S)
         self._admissions: dict[str, Admission] = {}
         self._pixels = pixels or PixelBudget(settings.max_pixels_in_flight)
         self.in_flight = 0
@@ -149,7 +159,7 @@ class Pipeline:
             # The client stops extending the lease after max_lease_duration: nack before then, so
             # the message is redelivered once, on purpose, rather than twice behind our back.
             held_s = time.monotonic() - delivery.received_at
-            async with asyncio.timeout(self._settings.max_lease_duration_s - LEASE_MARGIN_S - held_s):
+            async with asyncio.timeout(MAX_LEASE_DURATION_S - LEASE_MARGIN_S - held_s):
                 return await self._once(job, delivery, timer)
         except TimeoutError:
             return self._nack(delivery, job, "lease_expiring", "the job outlived its lease")
@@ -273,12 +283,12 @@ class Pipeline:
         return held + round(info.pixels * (images.decode_weight(info) - 1))
 
     async def _preprocess(self, spec: ModelSpec, job: Job, data: bytes, info: ImageInfo) -> Prepared:
-        buckets = self._settings.shape_buckets_px
-        return await self._image_work(info.pixels, len(data), spec.preprocess, data, self._limits, job.params, buckets)
+        args = (data, self._limits, job.params, self._buckets)
+        return await self._image_work(info.pixels, len(data), spec.preprocess, *args)
 
     async def _infer(self, target: Target, job: Job, prepared: Prepared, traceparent: str) -> InferResult:
         spec = target.spec
-        timeout_s = self._settings.infer_timeout_s
+        timeout_s = INFER_TIMEOUT_S
         remaining = job.remaining_s(time.time())
         if remaining is not None:
             if remaining <= 0:
@@ -332,35 +342,27 @@ class Pipeline:
         admission = self._admissions.get(spec.name)
         if admission is None:
             batch = max(1, spec.max_batch_size)
-            limit = max(1, self._settings.triton_queue_batches * batch)
+            limit = max(1, TRITON_QUEUE_BATCHES * batch)
             admission = self._admissions[spec.name] = Admission(batch, limit)
         return admission
 
     async def _retry(self, step: Callable[[], Awaitable[T]], what: str, target: Target | None = None) -> T:
-        """``retrying`` with the settings' attempts and backoff; each retry of a routed job is counted."""
-        return await retrying(
-            step,
-            attempts=self._settings.retry_attempts,
-            base_s=self._settings.retry_base_s,
-            what=what,
-            on_retry=partial(self._count_retry, target),
-        )
+        """``retrying`` with its attempts and this pipeline's backoff; each retry of a routed job is counted."""
+        return await retrying(step, base_s=self._retry_base_s, what=what, on_retry=partial(self._count_retry, target))
 
     def _count_retry(self, target: Target | None) -> None:
         if target is not None:
-            version_label = self._catalog.version_label(target.model, target.version)
-            telemetry.JOBS.labels(target.job_model, version_label, "retried").inc()
+            version = self._catalog.version_label(target.model, target.version)
+            telemetry.JOBS.labels(target.job_model, version, "retried").inc()
 
     async def _image_work(self, pixels: int, nbytes: int, fn: Callable[..., T], *args: Any) -> T:
         """Run CPU-bound image work: small images on the event loop, large ones in the thread pool.
 
-        Small means few pixels and few encoded bytes: a file's decode costs CPU in proportion to both
-        (a progressive JPEG re-walks its pixels once per scan), and the loop serves every job and probe.
-        For a small image, each hand-off to a thread and back (a futex wake, an eventfd write, the GIL
-        changing hands twice) costs about as much as the work itself. Large images go to the pool,
-        where a JPEG decode or encode runs beside the loop on another core without the GIL.
+        Small means few pixels and few encoded bytes: a decode costs CPU in proportion to both, and a
+        hand-off to a thread and back (a futex wake, an eventfd write, the GIL changing hands twice)
+        costs about as much as a small image's work. In the pool a JPEG codec runs without the GIL.
         """
-        if pixels <= self._settings.inline_max_pixels and nbytes <= self._settings.inline_max_bytes:
+        if pixels <= self._inline_max_pixels and nbytes <= self._inline_max_bytes:
             return fn(*args)
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 

@@ -131,6 +131,11 @@ class PixelBudget:
             future.set_result(None)
 
 
+#: Requests one model may have in Triton at once, in multiples of its ``max_batch_size``: enough for
+#: full batches, few enough that the worker can still group the rest by shape.
+TRITON_QUEUE_BATCHES = 2
+
+
 class Admission:
     """Requests one model may have in Triton at once, admitted in runs of one shape.
 

@@ -21,7 +21,7 @@ import structlog
 
 from worker import telemetry
 from worker.catalog import Catalog
-from worker.config import Settings
+from worker.config import Settings, available_cpus
 from worker.consumer import Consumer, Delivery
 from worker.errors import TransientError
 from worker.images import configure_pillow
@@ -38,6 +38,9 @@ log = structlog.get_logger(__name__)
 #: Seconds between catalog refreshes in the background, so versions loaded or
 #: unloaded in Triton are picked up even when no job misses.
 CATALOG_REFRESH_S = 30.0
+#: Bytes of shared-memory regions the worker keeps registered with Triton: enough for the tensors of
+#: many jobs in flight, small against the pod's memory (README Security counts it).
+SHARED_MEMORY_MAX_BYTES = 256 * 1024 * 1024
 
 
 class Worker:
@@ -46,12 +49,10 @@ class Worker:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.queue: asyncio.Queue[Delivery] = DeliveryQueue(maxsize=settings.max_messages)
-        self.executor = ThreadPoolExecutor(max_workers=settings.thread_count, thread_name_prefix="image")
+        self.executor = ThreadPoolExecutor(max_workers=available_cpus(), thread_name_prefix="image")
         self.control = TritonControl(settings.triton_url)
         self.catalog = Catalog(self.control)
-        self.stream = TritonStream(
-            settings.triton_url, request_timeout_s=settings.infer_timeout_s, mode=settings.triton_mode
-        )
+        self.stream = TritonStream(settings.triton_url, mode=settings.triton_mode)
         self.storage = Storage()
         self.shm_pool: ShmPool | None = None
         self.results = ResultsPublisher(settings.results_topic_path) if settings.results_topic else None
@@ -61,7 +62,6 @@ class Worker:
             self.queue,
             max_messages=settings.max_messages,
             max_bytes=settings.max_bytes,
-            max_lease_duration_s=settings.max_lease_duration_s,
             give_up_after_s=settings.pubsub_give_up_s,
             on_give_up=self._consumer_gave_up,
         )
@@ -155,12 +155,12 @@ class Worker:
             delay = min(delay * 2, 5.0)
 
     async def _enable_shared_memory(self) -> None:
-        if self.settings.shared_memory == "off" or self.settings.shared_memory_max_bytes == 0:
+        if self.settings.shared_memory == "off":
             return
-        pool = ShmPool(self.control, max_bytes=self.settings.shared_memory_max_bytes)
+        pool = ShmPool(self.control, max_bytes=SHARED_MEMORY_MAX_BYTES)
         if await pool.probe():
             self.shm_pool = self.stream.shm_pool = pool
-            log.info("shared_memory_enabled", max_bytes=self.settings.shared_memory_max_bytes)
+            log.info("shared_memory_enabled", max_bytes=SHARED_MEMORY_MAX_BYTES)
         else:
             await pool.close()
             log.info("shared_memory_unavailable", reason="triton cannot map the worker's regions")

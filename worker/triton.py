@@ -61,6 +61,9 @@ log = structlog.get_logger(__name__)
 #: Images travel inside gRPC messages; gRPC's 4 MiB default is far too small
 #: for a 4x upscale (a 1024 px input comes back as 48 MiB).
 MAX_MESSAGE_BYTES = 512 * 1024 * 1024
+#: Seconds one inference request may take (a job's own deadline shortens it): past it the request is
+#: dropped from Triton's queue and the job retried, and a stream with no answer for this long is stalled.
+INFER_TIMEOUT_S = 60.0
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -229,7 +232,7 @@ class TritonStream:
         self,
         url: str,
         *,
-        request_timeout_s: float,
+        request_timeout_s: float = INFER_TIMEOUT_S,
         queue_size: int = 256,
         mode: str = "stream",
         shm_pool: ShmPool | None = None,

@@ -130,7 +130,6 @@ def worker_as(
         **os.environ,
         **stack.environment(settings),
         "TRITONQ_TRITON_URL": triton.grpc_url,
-        "TRITONQ_TRITON_METRICS_URL": triton.metrics_url,
         "TRITONQ_HTTP_PORT": str(port),
         "TRITONQ_SHARED_MEMORY": "auto",
         "TRITONQ_LOG_FORMAT": "json",

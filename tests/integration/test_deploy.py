@@ -418,7 +418,6 @@ def test_the_readmes_deploy_step_fills_in_every_placeholder(overlay: str, tmp_pa
     assert account["iam.gke.io/gcp-service-account"] == f"{p}@my-project.iam.gserviceaccount.com"
     assert settings["TRITONQ_TOPIC"] == f"{p}-jobs"
     assert settings["TRITONQ_SUBSCRIPTION"] == f"{p}-jobs-worker"
-    assert settings["TRITONQ_DEAD_LETTER_TOPIC"] == f"{p}-jobs-dead-letter"
     assert settings["TRITONQ_INPUT_BUCKET"] == f"my-project-{p}-inputs"
     assert settings["TRITONQ_OUTPUT_BUCKET"] == f"my-project-{p}-results"
 
@@ -576,7 +575,6 @@ def test_compose_worker_environment_points_at_the_services() -> None:
     assert env["STORAGE_EMULATOR_HOST"].startswith("http://")
     assert _host_port(env["STORAGE_EMULATOR_HOST"]) == ("gcs", int(gcs_command[gcs_command.index("-port") + 1]))
     assert _host_port(env["TRITONQ_TRITON_URL"]) == ("triton", TRITON_PORTS["triton-grpc"])
-    assert env["TRITONQ_TRITON_METRICS_URL"] == f"http://triton:{TRITON_PORTS['triton-metrics']}/metrics"
     grace_s = float(env.get("TRITONQ_SHUTDOWN_GRACE_S", Settings.model_fields["shutdown_grace_s"].default))
     stop_s = float(str(services["worker"]["stop_grace_period"]).removesuffix("s"))
     assert stop_s > grace_s

@@ -1,4 +1,4 @@
-"""Faults on the real stack: nothing lost, nothing duplicated (issue 4).
+"""Faults on the real stack: nothing lost, nothing duplicated.
 
 Each scenario of ``python -m chaos`` runs here at a small size: the worker
 SIGKILLed and restarted, Triton killed and restarted, storage unreachable for
@@ -35,7 +35,7 @@ def stack(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[St
         yield versioned
 
 
-#: The bound issue 4 sets on the worker's peak RSS with a backlog.
+#: The bound on the worker's peak RSS with a backlog: it holds flow-controlled messages, not the backlog.
 MAX_RSS_MB = 400
 
 

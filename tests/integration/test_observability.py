@@ -122,8 +122,8 @@ async def test_a_worker_whose_subscription_keeps_failing_gives_up(make_settings:
 def test_every_log_line_of_a_job_is_json_with_its_fields(
     stack: Stack, make_settings: Callable[..., Settings], tmp_path: Path
 ) -> None:
-    settings = make_settings(log_success_per_s=1000)
-    env = {**stack.environment(settings), "TRITONQ_LOG_FORMAT": "json", "TRITONQ_LOG_SUCCESS_PER_S": "1000"}
+    settings = make_settings()
+    env = {**stack.environment(settings), "TRITONQ_LOG_FORMAT": "json"}
     log_path = tmp_path / "worker.log"
 
     async def publish_and_wait() -> list[JobResult]:

@@ -116,7 +116,7 @@ async def test_worker_and_triton_under_the_pods_two_uids_share_memory(
     ids: PodIds, pod_triton: PodTriton, stack: Stack, make_settings: Callable[..., Settings], tmp_path: Path
 ) -> None:
     assert ids.worker_uid != ids.triton_uid, "the test means two uids"
-    settings = make_settings(triton_url=pod_triton.grpc_url, triton_metrics_url=pod_triton.metrics_url)
+    settings = make_settings(triton_url=pod_triton.grpc_url)
     log = tmp_path / "worker.log"
     async with JobClient(settings) as client:
         uri = await client.upload_bytes(sample_image(256, 192, seed=11), "two-uids.jpg")

@@ -95,7 +95,7 @@ async def test_a_weighted_split_routes_about_a_tenth_and_is_sticky(
     make_settings: Callable[..., Settings], worker_for: Any
 ) -> None:
     routes = "enhance=1:90,2:10"
-    settings = make_settings(routes=routes, max_in_flight=64, max_messages=256, log_success_per_s=0)
+    settings = make_settings(routes=routes, max_in_flight=64, max_messages=256)
     count = 1000
     async with JobClient(settings) as client:
         uri = await client.upload_bytes(sample_image(16, 16), "split.jpg")
@@ -155,7 +155,7 @@ async def test_every_image_model_batches_mixed_sizes_under_load(
     """A backlog of mixed-size images for every image model: shape buckets and admission by shape batch them."""
     from tests.integration.test_end_to_end import triton_counts
 
-    settings = make_settings(max_in_flight=128, max_messages=256, log_success_per_s=0)
+    settings = make_settings(max_in_flight=128, max_messages=256)
     sizes = ((250, 180), (256, 256), (200, 150), (240, 250))  # four shapes, two bucket shapes
     per_model = 96
     async with JobClient(settings) as client:

@@ -48,3 +48,13 @@ def test_a_development_module_missing_a_dependency_is_not_reported_as_missing(
         cli._development("devstack.broken")
     assert raised.value.name == "tritonq_no_such_dependency"
     monkeypatch.delitem(sys.modules, "devstack")
+
+
+def test_an_invalid_setting_exits_2_naming_it(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("TRITONQ_LOG_LEVEL", "verbose")
+    assert cli.main(["run"]) == 2
+    err = capsys.readouterr().err
+    assert "invalid TRITONQ_* settings" in err
+    assert "log_level" in err and "Input should be 'DEBUG', 'INFO', 'WARNING' or 'ERROR'" in err

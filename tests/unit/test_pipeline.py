@@ -142,13 +142,15 @@ def make(
     storage: Storage,
     executor: ThreadPoolExecutor | None = None,
     pixels: PixelBudget | None = None,
+    tuning: dict[str, Any] | None = None,
     **overrides: Any,
 ) -> Pipeline:
-    settings = Settings(
-        input_bucket="inputs", output_bucket="outputs", retry_attempts=3, retry_base_s=0.001, **overrides
-    )
+    """A pipeline on fakes; ``tuning`` goes to the constructor (its internal knobs), ``overrides`` to Settings."""
+    settings = Settings(input_bucket="inputs", output_bucket="outputs", **overrides)
     pool = executor or ThreadPoolExecutor(2)
-    return Pipeline(settings, stream, Catalog(Control()), storage, pool, pixels=pixels)  # type: ignore[arg-type]
+    options: dict[str, Any] = {"retry_base_s": 0.001, **(tuning or {})}
+    catalog = Catalog(Control())  # type: ignore[arg-type]
+    return Pipeline(settings, stream, catalog, storage, pool, pixels=pixels, **options)  # type: ignore[arg-type]
 
 
 def job_bytes(job_id: str = "j1", uri: str = "gs://inputs/a.jpg") -> bytes:
@@ -293,7 +295,7 @@ async def test_small_images_are_decoded_and_encoded_inline(inline_max_pixels: in
     # A 32x32 image (a bucket size, so not padded): 1,024 pixels in, and (the identity model) 1,024 out.
     storage = Storage({"gs://inputs/a.jpg": sample_image(32, 32)})
     pool = CountingExecutor(2)
-    pipeline = make(Stream(), storage, pool, inline_max_pixels=inline_max_pixels)
+    pipeline = make(Stream(), storage, pool, tuning={"inline_max_pixels": inline_max_pixels})
     d, _ = delivery(job_bytes())
     assert await pipeline.handle(d) == SUCCEEDED
     assert pool.submitted == handed_to_threads
@@ -412,7 +414,7 @@ async def test_images_of_many_encoded_bytes_are_decoded_in_threads(
     # Few pixels do not make a decode cheap (a progressive JPEG re-walks them per scan): bytes count too.
     storage = Storage({"gs://inputs/a.jpg": sample_image(32, 32)})
     pool = CountingExecutor(2)
-    pipeline = make(Stream(), storage, pool, inline_max_pixels=4096, inline_max_bytes=inline_max_bytes)
+    pipeline = make(Stream(), storage, pool, tuning={"inline_max_pixels": 4096, "inline_max_bytes": inline_max_bytes})
     assert await pipeline.handle(delivery(job_bytes())[0]) == SUCCEEDED
     assert pool.submitted == handed_to_threads  # the decode; the encode (no input bytes) stays inline
 
@@ -425,7 +427,7 @@ async def test_a_job_weighs_its_formats_worst_case_bytes_per_pixel_in_the_budget
     stream = Stream(gate=gate)
     storage = Storage({"gs://inputs/a.jpg": sample_image(32, 32), "gs://inputs/b.webp": out.getvalue()})
     pixels = PixelBudget(limit=1 << 30)
-    pipeline = make(stream, storage, pixels=pixels, shape_buckets_px="")
+    pipeline = make(stream, storage, pixels=pixels, tuning={"shape_buckets_px": ()})
     held = []
     for uri in ("gs://inputs/a.jpg", "gs://inputs/b.webp"):
         stream.called.clear()
