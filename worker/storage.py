@@ -22,8 +22,8 @@ that finds its name taken can tell itself from another job.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Awaitable, Mapping
+from typing import Any, TypeVar
 
 import aiohttp
 from gcloud.aio.storage import Storage as AioStorage
@@ -31,6 +31,8 @@ from gcloud.aio.storage import Storage as AioStorage
 from worker import telemetry
 from worker.errors import PermanentJobError, TransientError
 from worker.jobs import GcsRef, join
+
+T = TypeVar("T")
 
 #: Seconds for one GCS request; a stalled emulator or network must not hold a job forever.
 REQUEST_TIMEOUT_S = 30
@@ -150,27 +152,19 @@ class Storage:
 
     async def read_json(self, ref: GcsRef) -> dict[str, Any] | None:
         """A small JSON object (a result record), or ``None`` if it does not exist."""
-        try:
-            data = await self.client.download(ref.bucket, ref.name, timeout=REQUEST_TIMEOUT_S)
-        except aiohttp.ClientResponseError as exc:
-            if exc.status == 404:
-                return None
-            raise _transient(exc, f"read {ref.uri}") from exc
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise _transient(exc, f"read {ref.uri}") from exc
+        download = self.client.download(ref.bucket, ref.name, timeout=REQUEST_TIMEOUT_S)
+        data = await _or_none_if_missing(download, f"read {ref.uri}")
+        if data is None:
+            return None
         document: dict[str, Any] = json.loads(data)
         return document
 
     async def read_metadata(self, ref: GcsRef) -> dict[str, str] | None:
         """An object's custom metadata (``{}`` if it has none), or ``None`` if the object does not exist."""
-        try:
-            document = await self.client.download_metadata(ref.bucket, ref.name, timeout=REQUEST_TIMEOUT_S)
-        except aiohttp.ClientResponseError as exc:
-            if exc.status == 404:
-                return None
-            raise _transient(exc, f"read metadata {ref.uri}") from exc
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise _transient(exc, f"read metadata {ref.uri}") from exc
+        call = self.client.download_metadata(ref.bucket, ref.name, timeout=REQUEST_TIMEOUT_S)
+        document = await _or_none_if_missing(call, f"read metadata {ref.uri}")
+        if document is None:
+            return None
         return {str(k): str(v) for k, v in (document.get("metadata") or {}).items()}
 
     async def upload(self, ref: GcsRef, data: bytes, content_type: str) -> None:
@@ -193,3 +187,15 @@ class Storage:
                 params["pageToken"] = page["nextPageToken"]
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise _transient(exc, f"list gs://{bucket}/{prefix}") from exc
+
+
+async def _or_none_if_missing(call: Awaitable[T], what: str) -> T | None:
+    """Await a read: ``None`` when the object does not exist (404), ``TransientError`` on any other failure."""
+    try:
+        return await call
+    except aiohttp.ClientResponseError as exc:
+        if exc.status == 404:
+            return None
+        raise _transient(exc, what) from exc
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise _transient(exc, what) from exc
