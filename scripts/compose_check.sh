@@ -237,7 +237,7 @@ run_stack() {
 
   mkdir -p "$SAMPLE_DIR"
   image=$SAMPLE_DIR/sample.jpg
-  "$PY" -c 'import sys; from worker.demo import sample_image; open(sys.argv[1], "wb").write(sample_image(320, 240))' "$image"
+  "$PY" -c 'import sys; from devstack.samples import sample_image; open(sys.argv[1], "wb").write(sample_image(320, 240))' "$image"
   say "publish: $image --model enhance --wait"
   docker compose run --rm publish "$image" --model enhance --wait
   say "publish: job succeeded"
