@@ -38,9 +38,9 @@ NOTES = (
     "stack_cpu_ms_per_job: CPU of each stack component's process group (/proc) during the main run, per job; "
     "machine_cpu_ms_per_job adds the worker's; ceiling_machine_cpu_jobs_per_s = CPUs x 1000 / that: the most "
     "this machine's cores allow with the emulators on them (not one of the three ceilings of e2e_vs_ceiling).",
-    "Every run spreads its results over 16 output buckets of its own (jobs' output_prefix): the GCS emulator's "
-    "memory backend spends CPU per write in proportion to the objects already in the bucket, which real GCS does "
-    "not, and one bucket of 4,000 objects made storage the bottleneck of the benchmark.",
+    "Every run spreads its results over 16 output buckets of its own (jobs' output_prefix), as a peer or a "
+    "later run must not inherit a fuller bucket. emulators: each emulator's own rate at the start (after a "
+    "warm-up) and at the end of the benchmark (bench/emulators.py); *_steady is the slower over the faster.",
     "peak_rss_mb: VmHWM of the worker process in the main run.",
     "peer_jobs_per_s, peer_cpu_ms_per_job: bench/peer.py, the idiomatic peer (its own process): google-cloud-pubsub "
     "subscribe() with FlowControl(max_messages=64) and 64 callback threads, one shared tritonclient.grpc client "
