@@ -27,16 +27,14 @@ PROBE_INTERVAL_S = 0.1
 PROBE_TIMEOUT_S = 5.0
 
 
-@cache
-def tiff_tile_bomb(side: int = 100, tile: int = 32768) -> bytes:
-    """A deflate TIFF of a ``side``-pixel square image in one ``tile``-pixel square tile (libtiff allocates a tile)."""
-    pixels = zlib.compress(bytes(1 << 20), 9)
+def tiff(width: int, height: int, tile: int, pixels: bytes) -> bytes:
+    """A deflate-compressed grey TIFF of one ``tile``-pixel square tile holding ``pixels``, built tag by tag."""
     entries = [
-        (256, 4, side),
-        (257, 4, side),
+        (256, 4, width),
+        (257, 4, height),
         (258, 3, 8),
         (259, 3, 8),  # deflate
-        (262, 3, 1),
+        (262, 3, 1),  # black is zero
         (277, 3, 1),
         (322, 4, tile),
         (323, 4, tile),
@@ -48,6 +46,12 @@ def tiff_tile_bomb(side: int = 100, tile: int = 32768) -> bytes:
         packed = struct.pack("<I", value) if kind == 4 else struct.pack("<HH", value, 0)
         directory += struct.pack("<HHI", tag, kind, 1) + packed
     return b"II*\x00" + struct.pack("<I", 8) + directory + struct.pack("<I", 0) + pixels
+
+
+@cache
+def tiff_tile_bomb(side: int = 100, tile: int = 32768) -> bytes:
+    """A TIFF of a ``side``-pixel square image in one ``tile``-pixel square tile (libtiff allocates a whole tile)."""
+    return tiff(side, side, tile, zlib.compress(bytes(1 << 20), 9))
 
 
 @cache

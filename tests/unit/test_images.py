@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from chaos import bad_inputs
 from devstack.samples import sample_image
 from worker import images
 from worker.errors import PermanentJobError
@@ -263,26 +264,8 @@ def test_a_decoders_refusal_is_final(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def tiff(width: int, height: int, tile: int) -> bytes:
-    """A deflate-compressed grey TIFF of one ``tile`` x ``tile`` tile, built tag by tag (little-endian)."""
-    pixels = zlib.compress(bytes(64))  # what the tile holds does not matter: it is refused unread
-    entries = [
-        (256, 4, width),
-        (257, 4, height),
-        (258, 3, 8),
-        (259, 3, 8),  # deflate
-        (262, 3, 1),  # black is zero
-        (277, 3, 1),
-        (322, 4, tile),
-        (323, 4, tile),
-        (324, 4, 8 + 2 + 12 * 10 + 4),  # the tile's data follows the directory
-        (325, 4, len(pixels)),
-    ]
-    directory = struct.pack("<H", len(entries))
-    for tag, kind, value in entries:
-        directory += struct.pack("<HHI", tag, kind, 1) + struct.pack(
-            "<I" if kind == 4 else "<HH", value, *([0] if kind == 3 else [])
-        )
-    return b"II*\x00" + struct.pack("<I", 8) + directory + struct.pack("<I", 0) + pixels
+    """A grey TIFF of one ``tile`` x ``tile`` tile; what the tile holds does not matter: it is refused unread."""
+    return bad_inputs.tiff(width, height, tile, zlib.compress(bytes(64)))
 
 
 def test_tiff_tiles_larger_than_the_image_are_refused_unread(monkeypatch: pytest.MonkeyPatch) -> None:
