@@ -22,7 +22,7 @@ from pathlib import Path
 from types import TracebackType
 
 from bench import procstat, workload
-from bench.runs import MIN_RATE_PER_S, RUN_SLACK_S, Lab, RunFigures, RunSpec, run_figures
+from bench.runs import MIN_RATE_PER_S, RUN_SLACK_S, Lab, RunFigures, RunSpec, publish_backlog, run_figures
 from bench.sampling import Sample
 from devstack.worker_process import WorkerFailed, peak_rss_bytes
 from worker.client import JobClient
@@ -147,10 +147,7 @@ async def peer_run(lab: Lab, spec: RunSpec) -> RunFigures:
     ]
     env = {**os.environ, **lab.stack.environment(settings)}
     async with JobClient(settings) as client:
-        inputs = await lab.inputs(client, spec.size)
-        jobs = workload.make_jobs(spec.name, inputs, spec.jobs, settings.allowed_output_buckets)
-        with lab.progress.bar("publish", spec.jobs) as update:
-            await workload.publish_backlog(client, jobs, update)
+        jobs = await publish_backlog(lab, spec, settings, client)
         before = await asyncio.to_thread(lab.triton_snapshot)
         with PeerProcess(args, env, lab.state_dir / "logs" / f"peer-{spec.name}.log") as peer:
             await asyncio.to_thread(peer.wait_ready)

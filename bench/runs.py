@@ -45,6 +45,7 @@ from devstack.stack import Stack
 from devstack.worker_process import WorkerFailed, WorkerProcess
 from worker.client import JobClient
 from worker.config import Settings
+from worker.jobs import ImageJob
 
 #: Slowest rate assumed when bounding how long a run may take, in jobs per second.
 MIN_RATE_PER_S = 2.0
@@ -237,6 +238,15 @@ def _time_bound_s(jobs: int) -> float:
     return RUN_SLACK_S + jobs / MIN_RATE_PER_S
 
 
+async def publish_backlog(lab: Lab, spec: RunSpec, settings: Settings, client: JobClient) -> list[ImageJob]:
+    """Upload the run's inputs and publish its ``spec.jobs`` jobs ahead, as a backlog; returns the jobs."""
+    inputs = await lab.inputs(client, spec.size)
+    jobs = workload.make_jobs(spec.name, inputs, spec.jobs, settings.allowed_output_buckets)
+    with lab.progress.bar("publish", spec.jobs) as update:
+        await workload.publish_backlog(client, jobs, update)
+    return jobs
+
+
 async def backlog_run(lab: Lab, spec: RunSpec, attach: Callable[[int], Attached] | None = None) -> RunFigures:
     """Publish ``spec.jobs`` jobs, then start the worker and let it drain them.
 
@@ -245,10 +255,7 @@ async def backlog_run(lab: Lab, spec: RunSpec, attach: Callable[[int], Attached]
     """
     settings = lab.settings(spec.name)
     async with JobClient(settings) as client:
-        inputs = await lab.inputs(client, spec.size)
-        jobs = workload.make_jobs(spec.name, inputs, spec.jobs, settings.allowed_output_buckets)
-        with lab.progress.bar("publish", spec.jobs) as update:
-            await workload.publish_backlog(client, jobs, update)
+        jobs = await publish_backlog(lab, spec, settings, client)
         before = await asyncio.to_thread(lab.triton_snapshot)
         with lab.worker(settings, spec.name, spec.env) as worker:
             profiler = None

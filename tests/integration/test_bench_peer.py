@@ -9,13 +9,12 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from google.api_core.exceptions import DeadlineExceeded
-from google.cloud import pubsub_v1
 from PIL import Image
 
 from bench.peer import Peer
 from devstack.samples import sample_image
 from devstack.stack import Stack
+from tests.integration.subscriptions import undelivered
 from worker.client import JobClient, build_job
 from worker.config import Settings
 from worker.jobs import ImageJob, JobResult
@@ -23,18 +22,6 @@ from worker.jobs import ImageJob, JobResult
 pytestmark = pytest.mark.timeout(600)
 
 JOBS = 4
-
-
-def left_in(settings: Settings) -> int:
-    """Messages still in the subscription (pulled without acking, so they stay)."""
-    subscriber = pubsub_v1.SubscriberClient()
-    try:
-        response = subscriber.pull(request={"subscription": settings.subscription_path, "max_messages": 10}, timeout=5)
-        return len(response.received_messages)
-    except DeadlineExceeded:
-        return 0
-    finally:
-        subscriber.close()
 
 
 async def test_the_peer_writes_the_workers_results_and_records_and_acks_a_redelivery(
@@ -65,7 +52,7 @@ async def test_the_peer_writes_the_workers_results_and_records_and_acks_a_redeli
             await asyncio.to_thread(future.result)
             peer.close()
         assert (peer.done, again) == (JOBS, peer_results[0])
-        assert await asyncio.to_thread(left_in, settings) == 0
+        assert await asyncio.to_thread(undelivered, settings) == 0
 
         # A subscription of its own: the emulator keeps the peer's cancelled stream and may push the
         # worker's messages into it for rounds of the ack deadline (real Pub/Sub drops dead streams).

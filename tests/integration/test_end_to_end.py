@@ -11,12 +11,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-from google.api_core.exceptions import DeadlineExceeded
-from google.cloud import pubsub_v1
 from PIL import Image
 
 from devstack.samples import sample_image
 from devstack.stack import Stack
+from tests.integration.subscriptions import undelivered
 from worker.client import JobClient, build_job
 from worker.config import Settings
 from worker.jobs import JobResult
@@ -35,18 +34,6 @@ def triton_counts(metrics_url: str, model: str) -> tuple[float, float]:
         for match in re.finditer(rf'^{name}{{[^}}]*model="{model}"[^}}]*}} (\S+)$', text, re.M):
             totals[name] += float(match.group(1))
     return totals["nv_inference_count"], totals["nv_inference_exec_count"]
-
-
-def undelivered(settings: Settings) -> int:
-    """Messages still in the subscription (pulled without acking, so they stay)."""
-    subscriber = pubsub_v1.SubscriberClient()
-    try:
-        response = subscriber.pull(request={"subscription": settings.subscription_path, "max_messages": 100}, timeout=5)
-        return len(response.received_messages)
-    except DeadlineExceeded:
-        return 0
-    finally:
-        subscriber.close()
 
 
 async def test_200_jobs_end_to_end_with_batching(
